@@ -1,0 +1,1 @@
+//! D-Script: the policy language (see docs/dscript.md).

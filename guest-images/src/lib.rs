@@ -1,0 +1,1 @@
+//! Builds the default guest image and the carrier VM from Debian packages.

@@ -1,0 +1,1 @@
+//! D-Visor: a minimal KVM VMM.
