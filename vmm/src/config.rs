@@ -1,0 +1,55 @@
+//! What a VM is made of, as the CLI describes it.
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::VmmError;
+
+/// The kernel command line D-Visor's devices need: COM1 as console. Quiet
+/// because every console byte is a VM exit.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet";
+pub const MIN_MEM_MIB: u64 = 96;
+pub const MAX_VCPUS: u8 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnReboot {
+    /// Boot the guest again, as a PC would.
+    Restart,
+    /// Stop the VMM and report the reboot to the caller.
+    Exit,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub on_reboot: OnReboot,
+}
+
+impl VmConfig {
+    pub fn validate(&self) -> Result<(), VmmError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(VmmError::Config(format!(
+                "--vcpus {} is out of range: use 1 to {MAX_VCPUS}",
+                self.vcpus
+            )));
+        }
+        if self.mem_mib < MIN_MEM_MIB {
+            return Err(VmmError::Config(format!(
+                "--mem {} MiB is too small: a stock kernel needs at least {MIN_MEM_MIB} MiB",
+                self.mem_mib
+            )));
+        }
+        if self.mem_mib > 1 << 20 {
+            return Err(VmmError::Config(format!("--mem {} MiB is more than 1 TiB", self.mem_mib)));
+        }
+        crate::boot::check_bzimage(&self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            std::fs::metadata(initrd).map_err(|e| VmmError::InitrdOpen(initrd.clone(), e))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,93 @@
+//! Port-I/O bus: maps port ranges to devices.
+use std::sync::{Arc, Mutex};
+
+/// A device reached through x86 port I/O. `offset` is relative to the base
+/// port the device was registered at; `data` is 1, 2 or 4 bytes as the guest
+/// issued it.
+pub trait PioDevice: Send {
+    fn read(&mut self, offset: u16, data: &mut [u8]);
+    fn write(&mut self, offset: u16, data: &[u8]);
+}
+
+struct Range {
+    base: u16,
+    len: u16,
+    device: Arc<Mutex<dyn PioDevice>>,
+}
+
+#[derive(Default)]
+pub struct PioBus {
+    ranges: Vec<Range>,
+}
+
+impl PioBus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `device` at `[base, base+len)`. Overlaps are a VMM bug.
+    pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) {
+        debug_assert!(self
+            .ranges
+            .iter()
+            .all(|r| base + len <= r.base || r.base + r.len <= base));
+        self.ranges.push(Range { base, len, device });
+    }
+
+    fn find(&self, port: u16) -> Option<(&Range, u16)> {
+        self.ranges
+            .iter()
+            .find(|r| port >= r.base && port - r.base < r.len)
+            .map(|r| (r, port - r.base))
+    }
+
+    /// Reads from `port`; ports nobody owns float high, as on a real bus.
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        match self.find(port) {
+            Some((r, off)) => lock(&r.device).read(off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// Writes to `port`; writes to unowned ports are dropped.
+    pub fn write(&self, port: u16, data: &[u8]) {
+        if let Some((r, off)) = self.find(port) {
+            lock(&r.device).write(off, data);
+        }
+    }
+}
+
+/// A device mutex poisoned by a panicking vCPU thread still holds valid
+/// register state; keep serving rather than cascading the panic.
+fn lock<'a>(m: &'a Mutex<dyn PioDevice + 'static>) -> std::sync::MutexGuard<'a, dyn PioDevice + 'static> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo(u8);
+    impl PioDevice for Echo {
+        fn read(&mut self, offset: u16, data: &mut [u8]) {
+            data.fill(self.0 + offset as u8);
+        }
+        fn write(&mut self, _offset: u16, data: &[u8]) {
+            self.0 = data[0];
+        }
+    }
+
+    #[test]
+    fn routes_by_range_and_floats_unowned_ports() {
+        let mut bus = PioBus::new();
+        bus.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(0x10))));
+        let mut b = [0u8; 1];
+        bus.read(0x3fa, &mut b);
+        assert_eq!(b[0], 0x12);
+        bus.write(0x3f8, &[0x20]);
+        bus.read(0x3f8, &mut b);
+        assert_eq!(b[0], 0x20);
+        bus.read(0x400, &mut b);
+        assert_eq!(b[0], 0xff);
+    }
+}

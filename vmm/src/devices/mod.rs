@@ -1,0 +1,7 @@
+//! Emulated devices and the port-I/O bus that routes vCPU exits to them.
+pub mod acpi_pm;
+pub mod bus;
+pub mod i8042;
+pub mod serial;
+
+pub use bus::{PioBus, PioDevice};

@@ -1,0 +1,63 @@
+//! Guest physical address map of a D-Visor VM (x86-64).
+//!
+//! The low megabyte follows the PC conventions the Linux boot protocol and
+//! the kernel's ACPI scan expect; everything else is RAM up to the 32-bit
+//! MMIO hole, then RAM again above 4 GiB.
+
+/// GDT used for the 64-bit boot entry.
+pub const BOOT_GDT: u64 = 0x500;
+/// IDT (empty) for the 64-bit boot entry.
+pub const BOOT_IDT: u64 = 0x520;
+/// The Linux "zero page" (struct boot_params).
+pub const ZERO_PAGE: u64 = 0x7000;
+/// Initial stack for the boot CPU, below the zero page.
+pub const BOOT_STACK: u64 = 0x8ff0;
+/// Identity page tables for the first GiB: PML4, PDPT, PD.
+pub const PML4: u64 = 0x9000;
+pub const PDPT: u64 = 0xa000;
+pub const PD: u64 = 0xb000;
+/// Kernel command line.
+pub const CMDLINE: u64 = 0x20000;
+pub const CMDLINE_MAX: usize = 0x10000;
+/// Start of the EBDA; RAM below it is usable.
+pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables live in the BIOS area the kernel scans for the RSDP.
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_END: u64 = 0x100000;
+/// Where the protected-mode kernel is loaded (bzImage code32_start).
+pub const HIMEM_START: u64 = 0x100000;
+/// The 32-bit MMIO hole: IOAPIC, LAPIC and (later) virtio-mmio devices.
+pub const MMIO_HOLE_START: u64 = 0xd000_0000;
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// KVM needs three pages for the TSS and one for the identity map (Intel),
+/// inside the hole but clear of the IOAPIC and LAPIC.
+pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// RAM ranges (guest address, size) for a VM with `mem_bytes` of memory.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
+    if mem_bytes <= MMIO_HOLE_START {
+        vec![(0, mem_bytes)]
+    } else {
+        vec![
+            (0, MMIO_HOLE_START),
+            (MMIO_HOLE_END, mem_bytes - MMIO_HOLE_START),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_splits_around_the_hole() {
+        assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r[0], (0, MMIO_HOLE_START));
+        assert_eq!(r[1].0, MMIO_HOLE_END);
+        assert_eq!(r[0].1 + r[1].1, 4 << 30);
+    }
+}

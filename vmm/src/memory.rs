@@ -1,0 +1,53 @@
+//! Guest RAM backed by one memfd, so that the monitor can later map the very
+//! same pages (zero copy) after receiving the fd over the support API.
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+use crate::error::VmmError;
+use crate::layout;
+
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Guest RAM and the memfd behind it.
+pub struct GuestRam {
+    pub memory: GuestMemory,
+    pub memfd: File,
+    pub size: u64,
+}
+
+impl GuestRam {
+    pub fn new(size: u64) -> Result<Self, VmmError> {
+        let memfd = create_memfd("dvisor-guest-ram", size)?;
+        let mut file_off = 0u64;
+        let mut ranges = Vec::new();
+        for (gpa, len) in layout::ram_ranges(size) {
+            let fd = memfd.try_clone().map_err(VmmError::GuestMemory)?;
+            ranges.push((
+                GuestAddress(gpa),
+                len as usize,
+                Some(FileOffset::new(fd, file_off)),
+            ));
+            file_off += len;
+        }
+        let memory = GuestMemoryMmap::from_ranges_with_files(ranges)
+            .map_err(|e| VmmError::GuestMemoryMap(e.to_string()))?;
+        Ok(GuestRam { memory, memfd, size })
+    }
+}
+
+fn create_memfd(name: &str, size: u64) -> Result<File, VmmError> {
+    let cname = CString::new(name).map_err(|_| VmmError::GuestMemoryMap("bad memfd name".into()))?;
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is
+    // checked before use.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(VmmError::GuestMemory(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(VmmError::GuestMemory)?;
+    Ok(file)
+}

@@ -1,0 +1,76 @@
+//! Process signals: SIGINT/SIGTERM/SIGHUP become lifecycle events, and a
+//! real-time signal kicks vCPU threads out of KVM_RUN.
+use std::io::Read;
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Once;
+
+use crate::error::VmmError;
+use crate::lifecycle::{EventSender, VmEvent};
+
+static SIGNAL_PIPE_W: AtomicI32 = AtomicI32::new(-1);
+static INSTALL: Once = Once::new();
+
+/// The signal used to interrupt a vCPU thread blocked in KVM_RUN.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_terminate(sig: libc::c_int) {
+    let fd = SIGNAL_PIPE_W.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = sig as u8;
+        // SAFETY: write(2) is async-signal-safe; b lives for the call.
+        unsafe { libc::write(fd, &b as *const u8 as *const libc::c_void, 1) };
+    }
+}
+
+extern "C" fn on_kick(_sig: libc::c_int) {}
+
+fn install(sig: i32, handler: extern "C" fn(libc::c_int)) -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction with a valid handler and an empty mask. No
+    // SA_RESTART, so that KVM_RUN returns EINTR when kicked.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Installs the handlers once per process; termination signals are
+/// delivered to `events` as [`VmEvent::Signal`].
+pub fn install_handlers(events: EventSender) -> Result<(), VmmError> {
+    let mut result = Ok(());
+    INSTALL.call_once(|| result = install_inner(events));
+    result
+}
+
+fn install_inner(events: EventSender) -> Result<(), VmmError> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two descriptors we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(VmmError::Signal(std::io::Error::last_os_error()));
+    }
+    SIGNAL_PIPE_W.store(fds[1], Ordering::Relaxed);
+    // SAFETY: fds[0] is the read end we just created and nobody else owns.
+    let mut reader = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut b = [0u8; 1];
+            while reader.read_exact(&mut b).is_ok() {
+                if events.send(VmEvent::Signal(i32::from(b[0]))).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(VmmError::Thread)?;
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        install(sig, on_terminate).map_err(VmmError::Signal)?;
+    }
+    install(kick_signal(), on_kick).map_err(VmmError::Signal)
+}
