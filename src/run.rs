@@ -1,0 +1,185 @@
+//! `dvisor run`: boot a guest on D-Visor, directly on hardware KVM or
+//! inside the carrier VM.
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use dvisor_vmm::{OnReboot, RunOutcome, VmConfig, VmmError};
+
+/// Exit status when the guest rebooted and `--on-reboot exit` was given.
+pub const EXIT_GUEST_REBOOT: i32 = 3;
+/// Exit status when the guest crashed or KVM failed.
+pub const EXIT_GUEST_FAILED: i32 = 1;
+/// Exit status for configuration errors (bad kernel, bad flags).
+pub const EXIT_CONFIG: i32 = 2;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RebootAction {
+    /// Boot the guest again.
+    Restart,
+    /// Exit with status 3.
+    Exit,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Exit status: 0 guest powered off; 1 guest crashed (triple fault, KVM error; \
+the reason and vCPU registers are printed); 2 bad configuration (missing or \
+corrupt kernel, bad flags); 3 guest rebooted with --on-reboot exit; 128+N \
+stopped by signal N (Ctrl-C: 130).
+
+The console is the guest's COM1. Typed input goes to the guest; Ctrl-C stops \
+the VM.")]
+pub struct RunArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long = "mem", value_name = "MIB", default_value_t = 256)]
+    pub mem_mib: u64,
+    /// Kernel bzImage [default: the built guest image's kernel].
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs [default: the built guest image's, unless --kernel is given].
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", default_value = dvisor_vmm::DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Raw disk image for a virtio-blk device (not available yet).
+    #[arg(long, value_name = "FILE")]
+    pub disk: Option<PathBuf>,
+    /// What to do when the guest reboots.
+    #[arg(long, value_enum, default_value = "restart")]
+    pub on_reboot: RebootAction,
+    /// Never use the carrier VM: fail if this host has no hardware KVM.
+    #[arg(long)]
+    pub no_carrier: bool,
+    /// Carrier VM memory in MiB (when the carrier is used).
+    #[arg(long, value_name = "MIB", default_value_t = 0, hide_default_value = true)]
+    pub carrier_mem: u32,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    if let Some(disk) = &args.disk {
+        eprintln!(
+            "dvisor: error: --disk {}: virtio-blk is not available yet (it lands with the support API)",
+            disk.display()
+        );
+        return Ok(EXIT_CONFIG);
+    }
+    let (kernel, initrd) = match resolve_image(&args) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("dvisor: error: {e:#}");
+            return Ok(EXIT_CONFIG);
+        }
+    };
+    let config = VmConfig {
+        kernel,
+        initrd,
+        cmdline: args.cmdline.clone(),
+        vcpus: args.vcpus,
+        mem_mib: args.mem_mib,
+        on_reboot: match args.on_reboot {
+            RebootAction::Restart => OnReboot::Restart,
+            RebootAction::Exit => OnReboot::Exit,
+        },
+    };
+    // Configuration errors are the same everywhere: report them here
+    // rather than after a carrier boot.
+    if let Err(e) = config.validate() {
+        eprintln!("dvisor: error: {e}");
+        return Ok(EXIT_CONFIG);
+    }
+    if !dvisor_images::carrier::host_has_hardware_kvm() && std::env::var_os("DVISOR_IN_CARRIER").is_none() {
+        if args.no_carrier {
+            eprintln!(
+                "dvisor: error: this host has no hardware virtualization (no vmx/svm CPU flag, \
+                 or /dev/kvm is the PVM software hypervisor) and --no-carrier was given; \
+                 drop --no-carrier to run inside the carrier VM"
+            );
+            return Ok(EXIT_CONFIG);
+        }
+        eprintln!("dvisor: no hardware virtualization on this host; running inside the carrier VM (QEMU TCG with emulated SVM)");
+        return run_in_carrier(&config, &args);
+    }
+    run_direct(&config)
+}
+
+fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    if let Some(k) = &args.kernel {
+        return Ok((k.clone(), args.initrd.clone()));
+    }
+    let image = match dvisor_images::current_guest_image() {
+        Ok(image) => image,
+        Err(_) => {
+            eprintln!("dvisor: no guest image built yet; building it now (`dvisor image build`)");
+            dvisor_images::build_guest_image(&dvisor_images::BuildOptions::default())
+                .context("building the default guest image")?
+        }
+    };
+    Ok((image.kernel, Some(args.initrd.clone().unwrap_or(image.initrd))))
+}
+
+fn run_direct(config: &VmConfig) -> anyhow::Result<i32> {
+    let _term = dvisor_vmm::console::RawTerminal::enable();
+    let outcome = dvisor_vmm::run(config, &|| Box::new(std::io::stdout()));
+    let _ = std::io::stdout().flush();
+    drop(_term);
+    Ok(match outcome {
+        Ok(RunOutcome::PowerOff) => 0,
+        Ok(RunOutcome::Reboot) => {
+            eprintln!("dvisor: guest rebooted (--on-reboot exit)");
+            EXIT_GUEST_REBOOT
+        }
+        Ok(RunOutcome::Signal(s)) => {
+            eprintln!("\ndvisor: stopped by signal {s}");
+            128 + s
+        }
+        Err(e @ (VmmError::KernelOpen(..) | VmmError::BadKernel(..) | VmmError::InitrdOpen(..) | VmmError::Config(_) | VmmError::Cmdline(_))) => {
+            eprintln!("dvisor: error: {e}");
+            EXIT_CONFIG
+        }
+        Err(e) => {
+            eprintln!("\ndvisor: error: {e}");
+            EXIT_GUEST_FAILED
+        }
+    })
+}
+
+fn run_in_carrier(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
+    let exe = std::env::current_exe().context("finding the dvisor executable")?;
+    let mut cmd = vec![
+        exe.display().to_string(),
+        "run".into(),
+        "--no-carrier".into(),
+        format!("--vcpus={}", config.vcpus),
+        format!("--mem={}", config.mem_mib),
+        format!("--kernel={}", absolute(&config.kernel).display()),
+        format!("--cmdline={}", config.cmdline),
+        format!(
+            "--on-reboot={}",
+            if config.on_reboot == OnReboot::Exit { "exit" } else { "restart" }
+        ),
+    ];
+    if let Some(initrd) = &config.initrd {
+        cmd.push(format!("--initrd={}", absolute(initrd).display()));
+    }
+    // The carrier needs room for the guest plus its own kernel and page cache.
+    let carrier_mem = if args.carrier_mem > 0 {
+        args.carrier_mem
+    } else {
+        (config.mem_mib as u32).saturating_add(768).max(1024)
+    };
+    let opts = dvisor_images::carrier::CarrierOptions {
+        mem_mib: carrier_mem,
+        ..Default::default()
+    };
+    Ok(dvisor_images::carrier::run(&cmd, &opts)?)
+}
+
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}

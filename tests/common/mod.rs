@@ -1,0 +1,169 @@
+//! Shared by the integration tests: the built `dvisor`, the default image,
+//! and a console session with a guest that tests can wait on and type into.
+#![allow(dead_code)]
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Generous safety net for one guest step under TCG; never the thing tested.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub fn dvisor() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dvisor"))
+}
+
+/// Builds the default guest image once per test binary (cached on disk).
+pub fn ensure_image() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let out = dvisor().args(["image", "build"]).output().expect("run dvisor image build");
+        assert!(
+            out.status.success(),
+            "dvisor image build failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+#[derive(Default)]
+struct Shared {
+    lines: Vec<String>,
+    partial: String,
+    closed: bool,
+}
+
+/// A running `dvisor run` whose console we read line by line.
+pub struct Console {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    shared: Arc<(Mutex<Shared>, Condvar)>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Console {
+    pub fn start(args: &[&str]) -> Console {
+        let mut child = dvisor()
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dvisor run");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut stderr_pipe = child.stderr.take().expect("stderr");
+        let shared = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
+        let s2 = shared.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                let n = r.read_until(b'\n', &mut buf).unwrap_or(0);
+                let (m, cv) = &*s2;
+                let mut g = m.lock().unwrap();
+                if n == 0 {
+                    g.closed = true;
+                    cv.notify_all();
+                    return;
+                }
+                let text = String::from_utf8_lossy(&buf).replace('\r', "");
+                if text.ends_with('\n') {
+                    let line = std::mem::take(&mut g.partial) + text.trim_end_matches('\n');
+                    g.lines.push(line);
+                } else {
+                    g.partial.push_str(&text);
+                }
+                cv.notify_all();
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let e2 = stderr.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr_pipe.read_to_string(&mut s);
+            e2.lock().unwrap().push_str(&s);
+        });
+        Console { stdin: child.stdin.take(), child, shared, stderr }
+    }
+
+    /// Waits for a line (after line index `from`) that satisfies `pred`;
+    /// returns its index. Panics with the transcript on timeout or exit.
+    pub fn wait_for(&self, from: usize, what: &str, pred: impl Fn(&str) -> bool) -> usize {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let (m, cv) = &*self.shared;
+        let mut g = m.lock().unwrap();
+        loop {
+            if let Some(i) = g.lines.iter().skip(from).position(|l| pred(l)) {
+                return from + i;
+            }
+            let now = Instant::now();
+            if g.closed || now >= deadline {
+                let why = if g.closed { "console closed" } else { "timed out" };
+                let tail: Vec<_> = g.lines.iter().rev().take(40).rev().cloned().collect();
+                drop(g);
+                panic!(
+                    "{why} waiting for {what}\n--- console tail ---\n{}\n--- stderr ---\n{}",
+                    tail.join("\n"),
+                    self.stderr()
+                );
+            }
+            g = cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn line_count(&self) -> usize {
+        self.shared.0.lock().unwrap().lines.len()
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.shared.0.lock().unwrap().lines.clone()
+    }
+
+    /// Types a command at the guest's console shell.
+    pub fn type_line(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(text.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for the VMM to exit on its own.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                // Let the reader threads drain.
+                std::thread::sleep(Duration::from_millis(200));
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("dvisor did not exit\n--- stderr ---\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Parses "heartbeat <counter> <message>".
+pub fn heartbeat(line: &str) -> Option<(u64, String)> {
+    let rest = &line[line.find("heartbeat ")? + "heartbeat ".len()..];
+    let mut it = rest.split_whitespace();
+    let n = it.next()?.parse().ok()?;
+    Some((n, it.next().unwrap_or("").to_string()))
+}

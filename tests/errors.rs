@@ -1,0 +1,63 @@
+//! Configuration errors are caught before any VM (or carrier) starts:
+//! clear message, exit status 2.
+mod common;
+
+use common::dvisor;
+
+fn run_with_kernel(kernel: &std::path::Path) -> (i32, String) {
+    let out = dvisor()
+        .args(["run", "--kernel"])
+        .arg(kernel)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("dvisor-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[test]
+fn missing_kernel_is_a_clear_error_with_status_2() {
+    let (code, err) = run_with_kernel(&scratch("no-such-bzImage"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot open kernel image") && err.contains("no-such-bzImage"), "{err}");
+    assert!(err.contains("dvisor image build"), "error should say how to fix it: {err}");
+}
+
+#[test]
+fn corrupt_kernel_is_a_clear_error_with_status_2() {
+    let p = scratch("corrupt-bzImage");
+    let junk: Vec<u8> = (0..64 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(&p, junk).unwrap();
+    let (code, err) = run_with_kernel(&p);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a bootable x86-64 bzImage"), "{err}");
+}
+
+#[test]
+fn truncated_kernel_is_a_clear_error_with_status_2() {
+    let p = scratch("short-bzImage");
+    std::fs::write(&p, b"MZ").unwrap();
+    let (code, err) = run_with_kernel(&p);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("too short"), "{err}");
+}
+
+#[test]
+fn bad_vcpu_count_is_rejected() {
+    common::ensure_image();
+    let out = dvisor().args(["run", "--vcpus", "0"]).stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vcpus 0 is out of range"));
+}
+
+#[test]
+fn disk_is_refused_clearly_until_virtio_blk_lands() {
+    let out = dvisor().args(["run", "--disk", "/nonexistent.raw"]).stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("virtio-blk is not available yet"));
+}
