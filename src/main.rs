@@ -1,6 +1,8 @@
 //! The `dvisor` command line: parses arguments and calls the crates.
+mod bench;
 mod images;
 mod policy;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -13,6 +15,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Boot a guest on D-Visor and attach its console (the default image
+    /// unless --kernel is given).
+    Run(run::RunArgs),
     /// Build or locate the default guest image.
     #[command(subcommand)]
     Image(images::ImageCmd),
@@ -21,6 +26,9 @@ enum Cmd {
     /// Check, replay and benchmark D-Script policies.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
+    /// Benchmarks that print a ratio against a baseline measured side by side.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
 }
 
 fn main() {
@@ -30,9 +38,11 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.cmd {
+        Cmd::Run(a) => run::run(a),
         Cmd::Image(c) => images::run_image(c),
         Cmd::Carrier(a) => images::run_carrier(a),
         Cmd::Policy(c) => policy::run(c),
+        Cmd::Bench(c) => bench::run(c),
     };
     match result {
         Ok(code) => std::process::exit(code),

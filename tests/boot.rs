@@ -18,18 +18,35 @@ struct Transcript {
     stderr: String,
 }
 
+/// The session runs once; if it fails, every test reports that failure
+/// instead of booting again.
 fn session() -> &'static Transcript {
-    static T: OnceLock<Transcript> = OnceLock::new();
-    T.get_or_init(|| {
+    static T: OnceLock<Result<Transcript, String>> = OnceLock::new();
+    let result = T.get_or_init(|| {
+        std::panic::catch_unwind(run_session).map_err(|e| {
+            e.downcast_ref::<String>().cloned().unwrap_or_else(|| "session panicked".into())
+        })
+    });
+    match result {
+        Ok(t) => t,
+        Err(e) => panic!("the shared guest session failed:\n{e}"),
+    }
+}
+
+fn run_session() -> Transcript {
+    {
         common::ensure_image();
         let mut c = Console::start(&["--vcpus", "2", "--mem", "256"]);
         let hb = c.wait_for(0, "the first heartbeat", |l| heartbeat(l).is_some());
+        let shell = c.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
+        c.wait_prompt(shell, "guest# ");
         // Let the counter tick past the restart values we check for below.
-        let later = c.wait_for(hb, "more heartbeats", |l| heartbeat(l).is_some_and(|(n, _)| n >= 5));
+        let later = c.wait_for(hb, "more heartbeats", |l| heartbeat(l).is_some_and(|(n, _)| n >= 10));
         c.type_line("reboot -f");
         let init2 = c.wait_for(later, "the guest init after reboot", |l| l.contains("dvisor-guest: init"));
         let hb2 = c.wait_for(init2, "a heartbeat after reboot", |l| heartbeat(l).is_some());
-        c.wait_for(hb2, "the shell prompt after reboot", |l| l.contains("dvisor-guest: shell"));
+        let shell2 = c.wait_for(init2, "the guest shell after reboot", |l| l.contains("dvisor-guest: shell"));
+        c.wait_prompt(shell2, "guest# ");
         c.type_line("poweroff -f");
         let exit = c.wait_exit();
         Transcript {
@@ -40,7 +57,7 @@ fn session() -> &'static Transcript {
             exit,
             stderr: c.stderr(),
         }
-    })
+    }
 }
 
 #[test]

@@ -61,3 +61,16 @@ fn disk_is_refused_clearly_until_virtio_blk_lands() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("virtio-blk is not available yet"));
 }
+
+#[test]
+fn no_carrier_refuses_clearly_on_a_host_without_hardware_kvm() {
+    if dvisor_images::carrier::host_has_hardware_kvm() {
+        eprintln!("skipped: this host has hardware KVM, so --no-carrier boots directly");
+        return;
+    }
+    common::ensure_image();
+    let out = dvisor().args(["run", "--no-carrier"]).stdin(std::process::Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no hardware virtualization") && err.contains("--no-carrier"), "{err}");
+}

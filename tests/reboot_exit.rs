@@ -8,8 +8,9 @@ use common::{heartbeat, Console};
 fn on_reboot_exit_stops_with_status_3() {
     common::ensure_image();
     let mut c = Console::start(&["--vcpus", "1", "--on-reboot", "exit"]);
-    let hb = c.wait_for(0, "the first heartbeat", |l| heartbeat(l).is_some());
-    c.wait_for(hb, "the shell prompt", |l| l.contains("dvisor-guest: shell"));
+    c.wait_for(0, "the first heartbeat", |l| heartbeat(l).is_some());
+    let shell = c.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
+    c.wait_prompt(shell, "guest# ");
     c.type_line("reboot -f");
     let st = c.wait_exit();
     assert_eq!(st.code(), Some(3), "stderr:\n{}", c.stderr());

@@ -113,6 +113,33 @@ impl Console {
         }
     }
 
+    /// Waits until the guest shell has printed its prompt (after line
+    /// `from`), so typed input reaches the shell rather than being flushed
+    /// while it sets up its terminal.
+    pub fn wait_prompt(&self, from: usize, prompt: &str) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let (m, cv) = &*self.shared;
+        let mut g = m.lock().unwrap();
+        loop {
+            // The heartbeat keeps printing, so the prompt soon ends up at
+            // the start of a full line rather than staying the last one.
+            if g.partial.contains(prompt) || g.lines.iter().skip(from).any(|l| l.contains(prompt)) {
+                return;
+            }
+            let now = Instant::now();
+            if g.closed || now >= deadline {
+                let tail: Vec<_> = g.lines.iter().rev().take(40).rev().cloned().collect();
+                drop(g);
+                panic!(
+                    "no shell prompt {prompt:?}\n--- console tail ---\n{}\n--- stderr ---\n{}",
+                    tail.join("\n"),
+                    self.stderr()
+                );
+            }
+            g = cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
     pub fn line_count(&self) -> usize {
         self.shared.0.lock().unwrap().lines.len()
     }

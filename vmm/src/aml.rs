@@ -162,6 +162,48 @@ pub fn isa_irq(irq: u8) -> Vec<u8> {
     vec![0x22, lo, hi]
 }
 
+/// Memory32Fixed (ReadWrite or ReadOnly, base, len): a large resource
+/// descriptor (ACPI 6.4 §6.4.3.4).
+pub fn memory32_fixed(base: u32, len: u32, writable: bool) -> Vec<u8> {
+    let mut o = vec![0x86, 0x09, 0x00, u8::from(writable)];
+    o.extend(base.to_le_bytes());
+    o.extend(len.to_le_bytes());
+    o
+}
+
+/// Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }: the
+/// Extended Interrupt Descriptor (ACPI 6.4 §6.4.3.6). Edge, because an
+/// irqfd pulses the line: a level-triggered pin pulsed while the guest is
+/// still servicing it would lose that interrupt.
+pub fn extended_irq(gsi: u32) -> Vec<u8> {
+    const CONSUMER: u8 = 1 << 0;
+    const EDGE: u8 = 1 << 1;
+    let mut o = vec![0x89, 0x06, 0x00, CONSUMER | EDGE, 1];
+    o.extend(gsi.to_le_bytes());
+    o
+}
+
+/// A virtio-mmio device as QEMU microvm describes one, which the Linux
+/// virtio_mmio driver binds to by its _HID. `index` names the device
+/// (VR00..VRFF) and is its _UID.
+pub fn virtio_mmio_device(index: u8, base: u32, gsi: u32) -> Vec<u8> {
+    device(
+        &format!("VR{index:02X}"),
+        &[
+            name("_HID", string("LNRO0005")),
+            name("_UID", integer(u64::from(index))),
+            name("_CCA", integer(1)),
+            name(
+                "_CRS",
+                resource_template(&[
+                    memory32_fixed(base, crate::devices::virtio::MMIO_LEN as u32, true),
+                    extended_irq(gsi),
+                ]),
+            ),
+        ],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +218,28 @@ mod tests {
         assert_eq!(io_port(0x3f8, 8), [0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]);
         assert_eq!(isa_irq(4), [0x22, 0x10, 0x00]);
         assert_eq!(package(&[integer(5)]), [0x12, 0x04, 0x01, 0x0a, 0x05]);
+    }
+
+    #[test]
+    fn virtio_mmio_entry_matches_iasl() {
+        // iasl: Memory32Fixed (ReadWrite, 0xD0000000, 0x200)
+        assert_eq!(memory32_fixed(0xd000_0000, 0x200, true), [0x86, 0x09, 0x00, 0x01, 0x00, 0x00, 0x00, 0xd0, 0x00, 0x02, 0x00, 0x00]);
+        // iasl: Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { 5 }
+        assert_eq!(extended_irq(5), [0x89, 0x06, 0x00, 0x03, 0x01, 0x05, 0x00, 0x00, 0x00]);
+        // The AML iasl (20200925) compiles from:
+        // Device (VR01) { Name (_HID, "LNRO0005") Name (_UID, 1) Name (_CCA, One)
+        //   Name (_CRS, ResourceTemplate () { Memory32Fixed (ReadWrite, 0xD0000200, 0x200)
+        //     Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { 6 } }) }
+        let expected: &[u8] = &[
+            0x5b, 0x82, 0x41, 0x04, b'V', b'R', b'0', b'1',
+            0x08, b'_', b'H', b'I', b'D', 0x0d, b'L', b'N', b'R', b'O', b'0', b'0', b'0', b'5', 0x00,
+            0x08, b'_', b'U', b'I', b'D', 0x01,
+            0x08, b'_', b'C', b'C', b'A', 0x01,
+            0x08, b'_', b'C', b'R', b'S', 0x11, 0x1a, 0x0a, 0x17,
+            0x86, 0x09, 0x00, 0x01, 0x00, 0x02, 0x00, 0xd0, 0x00, 0x02, 0x00, 0x00,
+            0x89, 0x06, 0x00, 0x03, 0x01, 0x06, 0x00, 0x00, 0x00,
+            0x79, 0x00,
+        ];
+        assert_eq!(virtio_mmio_device(1, 0xd000_0200, 6), expected);
     }
 }

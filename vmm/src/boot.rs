@@ -132,6 +132,7 @@ pub fn load_linux(
 
     write_page_tables(mem)?;
     write_gdt(mem)?;
+    write_reset_stub(mem)?;
     Ok(BootEntry {
         rip: loaded.kernel_load.0 + STARTUP_64_OFFSET,
         zero_page: layout::ZERO_PAGE,
@@ -184,6 +185,20 @@ fn e820_map(mem: &GuestMemory) -> Vec<boot_e820_entry> {
         }
     }
     map
+}
+
+/// The x86 reset vector, where real-mode code starts after a reset.
+const RESET_VECTOR: u64 = 0xffff0;
+
+/// There is no BIOS, but Linux may still jump to the reset vector to reboot:
+/// with a hardware-reduced FADT it prefers EFI reboot, and without EFI it
+/// falls back to `machine_real_restart`, a far jump to F000:FFF0. The stub
+/// there pulses the i8042 reset line, so every reboot path ends in a reset
+/// the VMM sees: `mov al, 0xfe; out 0x64, al; cli; hlt; jmp $-2`.
+fn write_reset_stub(mem: &GuestMemory) -> Result<(), VmmError> {
+    const STUB: [u8; 8] = [0xb0, 0xfe, 0xe6, 0x64, 0xfa, 0xf4, 0xeb, 0xfc];
+    mem.write_slice(&STUB, GuestAddress(RESET_VECTOR))
+        .map_err(|e| VmmError::Boot(format!("writing the reset stub: {e}")))
 }
 
 /// Identity-maps the first GiB with 2 MiB pages: enough for the

@@ -43,8 +43,14 @@ impl VcpuRunner {
             Err(e) => return Some(format!("KVM_RUN failed: {e}")),
         };
         match exit {
-            VcpuExit::IoIn(port, data) => self.pio.read(port, data),
-            VcpuExit::IoOut(port, data) => self.pio.write(port, data),
+            VcpuExit::IoIn(port, data) => {
+                self.pio.read(port, data);
+                tracing::trace!(vcpu = self.id, port, ?data, "pio in");
+            }
+            VcpuExit::IoOut(port, data) => {
+                tracing::trace!(vcpu = self.id, port, ?data, "pio out");
+                self.pio.write(port, data)
+            }
             // Nothing is mapped at these addresses: reads float high.
             VcpuExit::MmioRead(_, data) => data.fill(0xff),
             VcpuExit::MmioWrite(..) => {}

@@ -59,9 +59,12 @@ pub fn run(
     console::spawn_input_pump(input.clone(), std::io::stdin());
 
     loop {
+        tracing::debug!(vcpus = config.vcpus, mem_mib = config.mem_mib, "booting");
         let boot = Boot::start(&kvm, config, tx.clone(), make_console(), &input)?;
         let event = next_event(&rx);
+        tracing::debug!(?event, "lifecycle event; stopping vCPUs");
         boot.stop();
+        tracing::debug!("vCPUs stopped");
         input.set(None);
         while rx.try_recv().is_ok() {} // stale events of the dead boot
         match event {

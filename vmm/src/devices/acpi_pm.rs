@@ -31,6 +31,7 @@ impl PioDevice for AcpiPm {
 
     fn write(&mut self, offset: u16, data: &[u8]) {
         let Some(&v) = data.first() else { return };
+        tracing::debug!(offset, value = v, "ACPI PM register write");
         match offset {
             SLEEP_CONTROL_OFFSET if v & SLP_EN != 0 && (v >> 2) & 0x7 == S5 => {
                 let _ = self.events.send(VmEvent::PowerOff);

@@ -9,6 +9,13 @@ pub trait PioDevice: Send {
     fn write(&mut self, offset: u16, data: &[u8]);
 }
 
+/// A device reached through guest-physical MMIO. `offset` is relative to
+/// the device's base address; `data` is 1, 2, 4 or 8 bytes.
+pub trait MmioDevice: Send {
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
 struct Range {
     base: u16,
     len: u16,

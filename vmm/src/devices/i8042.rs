@@ -35,6 +35,7 @@ impl PioDevice for I8042 {
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) {
+        tracing::trace!(offset, ?data, "i8042 write");
         if offset == COMMAND && data.first() == Some(&CMD_RESET_CPU) {
             let _ = self.events.send(VmEvent::Reset { source: "i8042 reset line" });
         }

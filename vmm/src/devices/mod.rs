@@ -3,5 +3,6 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{PioBus, PioDevice};

@@ -1,0 +1,105 @@
+//! Steps shared by the guest image and the carrier image: resolving the
+//! kernel and busybox packages, downloading and unpacking them, and putting
+//! busybox, device nodes and modules into an initramfs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::apt::{self, Package};
+use crate::cache::Progress;
+use crate::cpio::CpioWriter;
+use crate::deb::{self, KernelTree};
+use crate::error::{ImageError, IoContext};
+use crate::modules::Module;
+
+pub const BUSYBOX_PACKAGE: &str = "busybox-static";
+
+/// The package versions an image is built from (part of its content key).
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub kernel: Package,
+    pub busybox: Package,
+}
+
+/// Resolves `kernel_meta` (e.g. `linux-image-cloud-amd64`) and busybox.
+pub fn resolve_inputs(kernel_meta: &str, progress: Progress) -> Result<Inputs, ImageError> {
+    progress.step(format!("resolving {kernel_meta} and {BUSYBOX_PACKAGE} with apt-cache"));
+    let kernel = apt::resolve_meta(kernel_meta, "linux-image-")?;
+    let busybox = apt::candidate(BUSYBOX_PACKAGE)?;
+    progress.step(format!("kernel {} {}, busybox {}", kernel.name, kernel.version, busybox.version));
+    Ok(Inputs { kernel, busybox })
+}
+
+/// Unpacked packages (they live in the caller's work dir).
+pub struct Unpacked {
+    pub kernel: KernelTree,
+    pub busybox: PathBuf,
+}
+
+/// Downloads and unpacks both packages into `work`.
+pub fn fetch(inputs: &Inputs, work: &Path, progress: Progress) -> Result<Unpacked, ImageError> {
+    let debs = work.join("debs");
+    std::fs::create_dir_all(&debs).at(&debs)?;
+    let mut unpacked = Vec::new();
+    for pkg in [&inputs.kernel, &inputs.busybox] {
+        progress.step(format!("downloading {}={} (apt-get download)", pkg.name, pkg.version));
+        let file = apt::download(pkg, &debs)?;
+        let dest = work.join(&pkg.name);
+        progress.step(format!("unpacking {}", file.file_name().unwrap_or_default().to_string_lossy()));
+        deb::extract(&file, &dest)?;
+        unpacked.push(dest);
+    }
+    let kernel = deb::kernel_tree(&unpacked[0])?;
+    let busybox = unpacked[1].join("bin/busybox");
+    if !busybox.is_file() {
+        return Err(ImageError::MissingInPackage { path: unpacked[1].clone(), what: "bin/busybox".into() });
+    }
+    Ok(Unpacked { kernel, busybox })
+}
+
+/// Adds the skeleton every initramfs needs: directories, `/dev/console`
+/// (the kernel opens it for /init before devtmpfs is mounted), busybox and
+/// its applet symlinks. Returns busybox's version banner.
+pub fn add_busybox<W: Write>(cpio: &mut CpioWriter<W>, busybox: &Path) -> Result<String, ImageError> {
+    let io = |e| ImageError::io("initrd.cpio", e);
+    for d in ["proc", "sys", "dev", "run", "tmp", "root", "etc", "sbin", "usr/bin", "usr/sbin"] {
+        cpio.dir(d, 0o755).map_err(io)?;
+    }
+    cpio.char_dev("dev/console", 0o600, 5, 1).map_err(io)?;
+    let bin = std::fs::read(busybox).at(busybox)?;
+    cpio.file("bin/busybox", 0o755, &bin).map_err(io)?;
+    // Applet links at build time (busybox-static runs on any x86-64 host),
+    // so /init needs no `busybox --install` step.
+    let out = std::process::Command::new(busybox).arg("--list-full").output().at(busybox)?;
+    let list = String::from_utf8_lossy(&out.stdout);
+    let mut n = 0;
+    for applet in list.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "bin/busybox") {
+        cpio.symlink(applet, "/bin/busybox").map_err(io)?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(ImageError::MissingInPackage { path: busybox.to_path_buf(), what: "busybox applet list (--list-full)".into() });
+    }
+    let banner = std::process::Command::new(busybox).output().at(busybox)?;
+    let banner = String::from_utf8_lossy(&banner.stdout).lines().next().unwrap_or("BusyBox").to_string();
+    Ok(banner)
+}
+
+/// Adds `modules` under `lib/modules/<release>/` plus a load-order list at
+/// `list_path` with one `name rel_path` line per module, dependencies first;
+/// `rel_prefix` is prepended to each listed path.
+pub fn add_modules<W: Write>(
+    cpio: &mut CpioWriter<W>,
+    release: &str,
+    modules: &[Module],
+    list_path: &str,
+    rel_prefix: &str,
+) -> Result<(), ImageError> {
+    let io = |e| ImageError::io("initrd.cpio", e);
+    let mut list = String::new();
+    for m in modules {
+        cpio.file(&format!("lib/modules/{release}/{}", m.rel_path), 0o644, &m.data).map_err(io)?;
+        list.push_str(&format!("{} {rel_prefix}{}\n", m.name, m.rel_path));
+    }
+    cpio.file(list_path, 0o644, list.as_bytes()).map_err(io)
+}

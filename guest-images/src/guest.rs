@@ -1,0 +1,249 @@
+//! The default guest image: Debian cloud kernel (bzImage + extracted
+//! vmlinux), a busybox initramfs with /init and the demo service, the virtio
+//! modules later issues need, and an empty data disk.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::apt::Package;
+use crate::base;
+use crate::cache::{self, Progress};
+use crate::cpio::{self, CpioWriter};
+use crate::error::{ImageError, IoContext};
+use crate::{kernel_payload, modules, service};
+
+/// Bump when the image layout or build steps change: it is in the content key.
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST_FORMAT: &str = "dvisor-guest-image";
+pub const KERNEL_META: &str = "linux-image-cloud-amd64";
+/// The kernel command line the VMM should use by default.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k quiet";
+pub const DISK_SIZE: u64 = 64 << 20;
+/// Shipped (not loaded at boot) for the virtio-mmio devices of later issues.
+pub const VIRTIO_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_net"];
+
+pub const INIT_SCRIPT: &str = include_str!("../init/guest-init.sh");
+pub const LOADER_SCRIPT: &str = include_str!("../init/load-virtio-modules.sh");
+
+const F_KERNEL: &str = "bzImage";
+const F_VMLINUX: &str = "vmlinux";
+const F_INITRD: &str = "initrd.cpio";
+const F_DISK: &str = "disk.raw";
+const F_SERVICE: &str = "demo-service";
+const F_MANIFEST: &str = "manifest.json";
+
+/// A built guest image, as the VMM and the monitor use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    pub dir: PathBuf,
+    /// The bzImage.
+    pub kernel: PathBuf,
+    /// The uncompressed kernel ELF (BTF, kallsyms, PVH entry note).
+    pub vmlinux: PathBuf,
+    pub initrd: PathBuf,
+    pub disk: PathBuf,
+    /// Host copy of the demo service ELF (with symbols) that runs in the guest.
+    pub service_binary: PathBuf,
+    pub kernel_release: String,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BuildOptions {
+    /// Rebuild even when an image with the same content key exists.
+    pub force: bool,
+    /// No progress lines on stderr.
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// `manifest.json` of a guest image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub key: String,
+    pub kernel_package: Package,
+    pub kernel_release: String,
+    pub kernel_compression: String,
+    pub busybox_package: Package,
+    pub busybox_banner: String,
+    /// Role → file in the image dir: kernel, vmlinux, initrd, disk, service_binary.
+    pub files: BTreeMap<String, FileEntry>,
+    /// Path of the demo service inside the guest.
+    pub service_guest_path: String,
+    pub default_cmdline: String,
+    /// Modules shipped under /lib/modules/<release>/, in load order.
+    pub modules: Vec<String>,
+    pub built_unix_time: u64,
+}
+
+fn images_dir(root: &Path) -> PathBuf {
+    root.join("images")
+}
+
+fn current_link(root: &Path) -> PathBuf {
+    images_dir(root).join("current")
+}
+
+/// Hash of everything in this crate that shapes the image.
+fn recipe_key() -> String {
+    cache::content_key(&[
+        &FORMAT_VERSION.to_le_bytes(),
+        service::SOURCE.as_bytes(),
+        service::GCC_FLAGS.join(" ").as_bytes(),
+        INIT_SCRIPT.as_bytes(),
+        LOADER_SCRIPT.as_bytes(),
+        VIRTIO_MODULES.join(",").as_bytes(),
+    ])
+}
+
+/// Builds (or reuses) the default guest image and makes it `current`.
+pub fn build_guest_image(opts: &BuildOptions) -> Result<GuestImage, ImageError> {
+    let progress = Progress { quiet: opts.quiet, what: "image" };
+    let root = cache::cache_root();
+    let inputs = base::resolve_inputs(KERNEL_META, progress)?;
+    let recipe = recipe_key();
+    let key = cache::content_key(&[
+        recipe.as_bytes(),
+        inputs.kernel.name.as_bytes(),
+        inputs.kernel.version.as_bytes(),
+        inputs.busybox.version.as_bytes(),
+    ]);
+    let name = format!("guest-{}", &key[..16]);
+    let dest = images_dir(&root).join(&name);
+    if !opts.force {
+        if let Ok(img) = load(&dest) {
+            progress.step(format!("up to date: {}", dest.display()));
+            cache::set_pointer(&current_link(&root), &name)?;
+            return Ok(img);
+        }
+    }
+    let started = std::time::Instant::now();
+    // The image is written straight into `staging` (renamed into place at
+    // the end); downloads and unpacked packages go to a separate temp dir.
+    let staging = cache::staging_dir(&root)?;
+    let out = staging.path().to_path_buf();
+    let work_dir = cache::staging_dir(&root)?;
+    let work = work_dir.path().to_path_buf();
+    let pkgs = base::fetch(&inputs, &work, progress)?;
+
+    progress.step(format!("kernel {}: extracting vmlinux from the bzImage", pkgs.kernel.release));
+    std::fs::copy(&pkgs.kernel.bzimage, out.join(F_KERNEL)).at(&pkgs.kernel.bzimage)?;
+    let image_bytes = std::fs::read(&pkgs.kernel.bzimage).at(&pkgs.kernel.bzimage)?;
+    let compression = kernel_payload::locate_payload(&image_bytes)
+        .ok()
+        .and_then(|l| kernel_payload::detect(&image_bytes[l.offset..]))
+        .map(|c| c.name())
+        .unwrap_or("unknown");
+    let vmlinux = kernel_payload::extract_vmlinux(&pkgs.kernel.bzimage)?;
+    std::fs::write(out.join(F_VMLINUX), &vmlinux).at(out.join(F_VMLINUX))?;
+    drop((image_bytes, vmlinux));
+
+    progress.step("compiling the demo service (gcc -static)");
+    service::compile(&work, &out.join(F_SERVICE))?;
+
+    progress.step(format!("resolving modules {}", VIRTIO_MODULES.join(", ")));
+    let mods = modules::resolve(&pkgs.kernel.modules_dir, VIRTIO_MODULES)?;
+
+    progress.step("writing initrd.cpio");
+    let initrd_path = out.join(F_INITRD);
+    let file = std::fs::File::create(&initrd_path).at(&initrd_path)?;
+    let mut w = CpioWriter::new(std::io::BufWriter::new(file));
+    let io = |e| ImageError::io(&initrd_path, e);
+    let banner = base::add_busybox(&mut w, &pkgs.busybox)?;
+    w.file("init", 0o755, INIT_SCRIPT.as_bytes()).map_err(io)?;
+    w.file("sbin/load-virtio-modules", 0o755, LOADER_SCRIPT.as_bytes()).map_err(io)?;
+    let svc = std::fs::read(out.join(F_SERVICE)).at(out.join(F_SERVICE))?;
+    w.file(service::GUEST_PATH, 0o755, &svc).map_err(io)?;
+    let release = pkgs.kernel.release.clone();
+    base::add_modules(&mut w, &release, &mods, &format!("lib/modules/{release}/dvisor-load-order"), "")?;
+    w.finish().map_err(io)?;
+    // Self-check: the archive parses back and has /init.
+    let written = std::fs::read(&initrd_path).at(&initrd_path)?;
+    let entries = cpio::read_archive(&written).map_err(|r| ImageError::io(&initrd_path, std::io::Error::other(r)))?;
+    if !entries.iter().any(|e| e.name == "init") {
+        return Err(ImageError::io(&initrd_path, std::io::Error::other("written archive has no /init")));
+    }
+    drop(written);
+
+    progress.step("creating the 64 MiB sparse data disk");
+    let disk = out.join(F_DISK);
+    std::fs::File::create(&disk).and_then(|f| f.set_len(DISK_SIZE)).at(&disk)?;
+
+    let mut files = BTreeMap::new();
+    for (role, fname) in [("kernel", F_KERNEL), ("vmlinux", F_VMLINUX), ("initrd", F_INITRD), ("disk", F_DISK), ("service_binary", F_SERVICE)] {
+        let p = out.join(fname);
+        let size = std::fs::metadata(&p).at(&p)?.len();
+        files.insert(role.to_string(), FileEntry { name: fname.to_string(), size, sha256: cache::sha256_file(&p)? });
+    }
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        version: FORMAT_VERSION,
+        key: key.clone(),
+        kernel_package: inputs.kernel.clone(),
+        kernel_release: release,
+        kernel_compression: compression.into(),
+        busybox_package: inputs.busybox.clone(),
+        busybox_banner: banner,
+        files,
+        service_guest_path: service::GUEST_PATH.into(),
+        default_cmdline: DEFAULT_CMDLINE.into(),
+        modules: mods.iter().map(|m| m.name.clone()).collect(),
+        built_unix_time: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    };
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| ImageError::io(F_MANIFEST, std::io::Error::other(e)))?;
+    std::fs::write(out.join(F_MANIFEST), json).at(out.join(F_MANIFEST))?;
+    drop(work_dir);
+    cache::install_dir(staging, &dest)?;
+    cache::set_pointer(&current_link(&root), &name)?;
+    progress.step(format!("built {} in {:.1}s", dest.display(), started.elapsed().as_secs_f64()));
+    load(&dest)
+}
+
+/// The last built default image (no apt access).
+pub fn current_guest_image() -> Result<GuestImage, ImageError> {
+    let link = current_link(&cache::cache_root());
+    let dir = std::fs::canonicalize(&link).map_err(|_| ImageError::NoImage)?;
+    load(&dir)
+}
+
+/// Reads `dir/manifest.json` of a guest image.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, ImageError> {
+    let path = dir.join(F_MANIFEST);
+    let bytes = std::fs::read(&path).at(&path)?;
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| ImageError::BadManifest { path: path.clone(), reason: e.to_string() })?;
+    if m.format != MANIFEST_FORMAT || m.version != FORMAT_VERSION {
+        return Err(ImageError::BadManifest { path, reason: format!("format {} v{}, expected {MANIFEST_FORMAT} v{FORMAT_VERSION}", m.format, m.version) });
+    }
+    Ok(m)
+}
+
+/// Loads an image dir and checks every file the manifest names exists.
+pub fn load(dir: &Path) -> Result<GuestImage, ImageError> {
+    let m = read_manifest(dir)?;
+    let file = |role: &str| -> Result<PathBuf, ImageError> {
+        let e = m.files.get(role).ok_or_else(|| ImageError::BadManifest { path: dir.join(F_MANIFEST), reason: format!("no `{role}` file") })?;
+        let p = dir.join(&e.name);
+        if !p.is_file() {
+            return Err(ImageError::BadManifest { path: dir.join(F_MANIFEST), reason: format!("{} is missing", p.display()) });
+        }
+        Ok(p)
+    };
+    Ok(GuestImage {
+        dir: dir.to_path_buf(),
+        kernel: file("kernel")?,
+        vmlinux: file("vmlinux")?,
+        initrd: file("initrd")?,
+        disk: file("disk")?,
+        service_binary: file("service_binary")?,
+        kernel_release: m.kernel_release,
+    })
+}
