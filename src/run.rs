@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use dvisor_vmm::{OnReboot, RunOutcome, VmConfig, VmmError};
+use dvisor_vmm::{DiskConfig, OnReboot, RunOutcome, VmConfig, VmmError};
 
 /// Exit status when the guest rebooted and `--on-reboot exit` was given.
 pub const EXIT_GUEST_REBOOT: i32 = 3;
@@ -47,9 +47,10 @@ pub struct RunArgs {
     /// Kernel command line.
     #[arg(long, value_name = "STRING", default_value = dvisor_vmm::DEFAULT_CMDLINE)]
     pub cmdline: String,
-    /// Raw disk image for a virtio-blk device (not available yet).
-    #[arg(long, value_name = "FILE")]
-    pub disk: Option<PathBuf>,
+    /// Raw disk image served as virtio-blk (/dev/vda, /dev/vdb, ... in
+    /// order); append ",readonly" to refuse guest writes. Repeatable.
+    #[arg(long, value_name = "FILE[,readonly]", value_parser = parse_disk)]
+    pub disk: Vec<DiskConfig>,
     /// What to do when the guest reboots.
     #[arg(long, value_enum, default_value = "restart")]
     pub on_reboot: RebootAction,
@@ -62,13 +63,6 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
-    if let Some(disk) = &args.disk {
-        eprintln!(
-            "dvisor: error: --disk {}: virtio-blk is not available yet (it lands with the support API)",
-            disk.display()
-        );
-        return Ok(EXIT_CONFIG);
-    }
     let (kernel, initrd) = match resolve_image(&args) {
         Ok(v) => v,
         Err(e) => {
@@ -86,6 +80,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             RebootAction::Restart => OnReboot::Restart,
             RebootAction::Exit => OnReboot::Exit,
         },
+        disks: args.disk.clone(),
     };
     // Configuration errors are the same everywhere: report them here
     // rather than after a carrier boot.
@@ -138,7 +133,14 @@ fn run_direct(config: &VmConfig) -> anyhow::Result<i32> {
             eprintln!("\ndvisor: stopped by signal {s}");
             128 + s
         }
-        Err(e @ (VmmError::KernelOpen(..) | VmmError::BadKernel(..) | VmmError::InitrdOpen(..) | VmmError::Config(_) | VmmError::Cmdline(_))) => {
+        Err(
+            e @ (VmmError::KernelOpen(..)
+            | VmmError::BadKernel(..)
+            | VmmError::InitrdOpen(..)
+            | VmmError::Config(_)
+            | VmmError::Cmdline(_)
+            | VmmError::Disk(_)),
+        ) => {
             eprintln!("dvisor: error: {e}");
             EXIT_CONFIG
         }
@@ -167,6 +169,10 @@ fn run_in_carrier(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
     if let Some(initrd) = &config.initrd {
         cmd.push(format!("--initrd={}", absolute(initrd).display()));
     }
+    for d in &config.disks {
+        let ro = if d.read_only { ",readonly" } else { "" };
+        cmd.push(format!("--disk={}{ro}", absolute(&d.path).display()));
+    }
     // The carrier needs room for the guest plus its own kernel and page cache.
     let carrier_mem = if args.carrier_mem > 0 {
         args.carrier_mem
@@ -178,6 +184,18 @@ fn run_in_carrier(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
         ..Default::default()
     };
     Ok(dvisor_images::carrier::run(&cmd, &opts)?)
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let (path, read_only) = match s.rsplit_once(',') {
+        Some((p, "readonly")) | Some((p, "ro")) => (p, true),
+        Some((_, opt)) => return Err(format!("unknown disk option {opt:?}: the only option is \"readonly\"")),
+        None => (s, false),
+    };
+    if path.is_empty() {
+        return Err("empty disk path".into());
+    }
+    Ok(DiskConfig { path: path.into(), read_only })
 }
 
 fn absolute(p: &std::path::Path) -> PathBuf {

@@ -56,10 +56,17 @@ fn bad_vcpu_count_is_rejected() {
 }
 
 #[test]
-fn disk_is_refused_clearly_until_virtio_blk_lands() {
+fn disk_of_odd_size_is_refused_before_boot() {
+    common::ensure_image();
+    let p = scratch("odd.raw");
+    std::fs::write(&p, vec![0u8; 1000]).unwrap();
+    let out = dvisor().args(["run", "--disk"]).arg(&p).stdin(std::process::Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not a multiple of the 512-byte sector size"), "{err}");
     let out = dvisor().args(["run", "--disk", "/nonexistent.raw"]).stdin(std::process::Stdio::null()).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("virtio-blk is not available yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.raw"));
 }
 
 #[test]

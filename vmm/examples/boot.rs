@@ -16,6 +16,7 @@ fn main() {
         cmdline: args.get(4).cloned().unwrap_or_else(|| dvisor_vmm::DEFAULT_CMDLINE.into()),
         mem_mib: 256,
         on_reboot: OnReboot::Exit,
+        disks: Vec::new(),
     };
     match dvisor_vmm::run(&config, &|| Box::new(std::io::stdout())) {
         Ok(RunOutcome::PowerOff) => std::process::exit(0),

@@ -71,7 +71,14 @@ fn gas_io_byte(port: u16) -> [u8; 12] {
     g
 }
 
-fn dsdt() -> Vec<u8> {
+/// A virtio-mmio device as the DSDT announces it.
+#[derive(Debug, Clone, Copy)]
+pub struct VirtioSlot {
+    pub base: u64,
+    pub gsi: u32,
+}
+
+fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
     let mut t = Sdt::new(b"DSDT", 2);
     let com1 = aml::device(
         "COM1",
@@ -87,7 +94,11 @@ fn dsdt() -> Vec<u8> {
             ),
         ],
     );
-    t.put(&aml::scope("\\_SB_", &[com1]));
+    let mut devices = vec![com1];
+    for (i, v) in virtio.iter().enumerate() {
+        devices.push(aml::virtio_mmio_device(i as u8, v.base as u32, v.gsi));
+    }
+    t.put(&aml::scope("\\_SB_", &devices));
     // The sleep type the kernel writes into the sleep control register to
     // power off.
     t.put(&aml::name("_S5_", aml::package(&[aml::integer(5)])));
@@ -155,7 +166,7 @@ fn rsdp(xsdt_addr: u64) -> Vec<u8> {
 }
 
 /// Writes all tables into the BIOS area and returns the RSDP address.
-pub fn write_tables(mem: &GuestMemory, vcpus: u8) -> Result<u64, VmmError> {
+pub fn write_tables(mem: &GuestMemory, vcpus: u8, virtio: &[VirtioSlot]) -> Result<u64, VmmError> {
     let rsdp_addr = layout::ACPI_START;
     let mut next = rsdp_addr + 64;
     let mut place = |bytes: &[u8]| -> Result<u64, VmmError> {
@@ -168,7 +179,7 @@ pub fn write_tables(mem: &GuestMemory, vcpus: u8) -> Result<u64, VmmError> {
         next = (addr + bytes.len() as u64 + 15) & !15;
         Ok(addr)
     };
-    let dsdt_addr = place(&dsdt())?;
+    let dsdt_addr = place(&dsdt(virtio))?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
     let madt_addr = place(&madt(vcpus))?;
     let xsdt_addr = place(&xsdt(&[fadt_addr, madt_addr]))?;
@@ -187,7 +198,8 @@ mod tests {
 
     #[test]
     fn tables_checksum_and_lengths() {
-        for t in [dsdt(), fadt(0x1234), madt(4), xsdt(&[1, 2])] {
+        let v = [VirtioSlot { base: 0xd000_0000, gsi: 16 }];
+        for t in [dsdt(&[]), dsdt(&v), fadt(0x1234), madt(4), xsdt(&[1, 2])] {
             assert!(sums_to_zero(&t));
             let len = u32::from_le_bytes([t[4], t[5], t[6], t[7]]) as usize;
             assert_eq!(len, t.len());

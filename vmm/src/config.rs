@@ -19,6 +19,13 @@ pub enum OnReboot {
     Exit,
 }
 
+/// A raw disk image served by virtio-blk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -27,6 +34,7 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub mem_mib: u64,
     pub on_reboot: OnReboot,
+    pub disks: Vec<DiskConfig>,
 }
 
 impl VmConfig {
@@ -47,6 +55,18 @@ impl VmConfig {
             return Err(VmmError::Config(format!("--mem {} MiB is more than 1 TiB", self.mem_mib)));
         }
         crate::boot::check_bzimage(&self.kernel)?;
+        if self.disks.len() > crate::layout::MAX_VIRTIO_DEVICES {
+            return Err(VmmError::Config(format!(
+                "{} disks given; at most {} virtio devices fit",
+                self.disks.len(),
+                crate::layout::MAX_VIRTIO_DEVICES
+            )));
+        }
+        for d in &self.disks {
+            // Opening checks existence, permissions and the sector multiple.
+            crate::devices::virtio::block::Block::open(&d.path, d.read_only)
+                .map_err(|e| VmmError::Disk(e.to_string()))?;
+        }
         if let Some(initrd) = &self.initrd {
             std::fs::metadata(initrd).map_err(|e| VmmError::InitrdOpen(initrd.clone(), e))?;
         }

@@ -12,6 +12,8 @@ pub enum VmmError {
     InitrdOpen(PathBuf, #[source] std::io::Error),
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
+    #[error("disk: {0}")]
+    Disk(String),
     #[error("invalid VM configuration: {0}")]
     Config(String),
     #[error("cannot open /dev/kvm: {0} (is KVM available here? `dvisor run` uses the carrier VM when it is not)")]

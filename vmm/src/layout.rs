@@ -29,6 +29,12 @@ pub const HIMEM_START: u64 = 0x100000;
 /// The 32-bit MMIO hole: IOAPIC, LAPIC and (later) virtio-mmio devices.
 pub const MMIO_HOLE_START: u64 = 0xd000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// virtio-mmio devices, one 0x200-byte window each, at the bottom of the hole.
+pub const VIRTIO_MMIO_BASE: u64 = MMIO_HOLE_START;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
+/// Their interrupts: IOAPIC pins above the ISA range, as QEMU microvm does.
+pub const VIRTIO_GSI_BASE: u32 = 16;
+pub const MAX_VIRTIO_DEVICES: usize = 8;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 /// KVM needs three pages for the TSS and one for the identity map (Intel),

@@ -17,6 +17,6 @@ pub mod signals;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{OnReboot, VmConfig, DEFAULT_CMDLINE};
+pub use config::{DiskConfig, OnReboot, VmConfig, DEFAULT_CMDLINE};
 pub use error::VmmError;
 pub use vm::{run, RunOutcome};

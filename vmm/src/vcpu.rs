@@ -6,7 +6,7 @@ use std::sync::Arc;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::cpu;
-use crate::devices::PioBus;
+use crate::devices::{MmioBus, PioBus};
 use crate::lifecycle::{EventSender, VmEvent};
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -17,6 +17,7 @@ pub struct VcpuRunner {
     pub id: u32,
     pub fd: VcpuFd,
     pub pio: Arc<PioBus>,
+    pub mmio: Arc<MmioBus>,
     pub stop: Arc<AtomicBool>,
     pub events: EventSender,
 }
@@ -51,9 +52,8 @@ impl VcpuRunner {
                 tracing::trace!(vcpu = self.id, port, ?data, "pio out");
                 self.pio.write(port, data)
             }
-            // Nothing is mapped at these addresses: reads float high.
-            VcpuExit::MmioRead(_, data) => data.fill(0xff),
-            VcpuExit::MmioWrite(..) => {}
+            VcpuExit::MmioRead(addr, data) => self.mmio.read(addr, data),
+            VcpuExit::MmioWrite(addr, data) => self.mmio.write(addr, data),
             VcpuExit::Intr | VcpuExit::Hlt | VcpuExit::IrqWindowOpen => {}
             VcpuExit::Shutdown => {
                 return Some("triple fault (KVM_EXIT_SHUTDOWN): the guest kernel crashed".into())

@@ -16,7 +16,11 @@ use crate::console::{self, InputTarget};
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN, ACPI_PM_PORT};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{ConsoleOut, Serial, COM1_GSI, COM1_LEN, COM1_PORT};
-use crate::devices::PioBus;
+use crate::acpi::VirtioSlot;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::EventFdIrq;
+use crate::devices::{MmioBus, PioBus};
 use crate::error::VmmError;
 use crate::lifecycle::{self, EventReceiver, EventSender, VmEvent};
 use crate::memory::GuestRam;
@@ -89,6 +93,31 @@ fn next_event(rx: &EventReceiver) -> VmEvent {
     rx.recv().unwrap_or(VmEvent::Signal(libc::SIGTERM))
 }
 
+/// Puts each disk behind its own virtio-mmio window and IOAPIC pin.
+fn attach_disks(
+    vm: &VmFd,
+    ram: &GuestRam,
+    config: &VmConfig,
+) -> Result<(Arc<MmioBus>, Vec<VirtioSlot>), VmmError> {
+    let mut bus = MmioBus::new();
+    let mut slots = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let slot = VirtioSlot {
+            base: layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE,
+            gsi: layout::VIRTIO_GSI_BASE + i as u32,
+        };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::GuestMemory)?;
+        vm.register_irqfd(&irq, slot.gsi)
+            .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
+        let block = Block::open(&disk.path, disk.read_only).map_err(|e| VmmError::Disk(e.to_string()))?;
+        let transport = MmioTransport::new(block, ram.memory.clone(), Box::new(EventFdIrq(irq)))
+            .map_err(|e| VmmError::Disk(e.to_string()))?;
+        bus.insert(slot.base, layout::VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)));
+        slots.push(slot);
+    }
+    Ok((Arc::new(bus), slots))
+}
+
 /// A running boot: dropping it without `stop` would leak vCPU threads.
 struct Boot {
     _vm: VmFd,
@@ -129,7 +158,8 @@ impl Boot {
                 .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         }
 
-        let rsdp = acpi::write_tables(&ram.memory, config.vcpus)?;
+        let (mmio, virtio_slots) = attach_disks(&vm, &ram, config)?;
+        let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &virtio_slots)?;
         let entry = boot::load_linux(
             &ram.memory,
             &config.kernel,
@@ -162,7 +192,14 @@ impl Boot {
             if id == 0 {
                 cpu::configure_boot_cpu(&fd, entry)?;
             }
-            let runner = VcpuRunner { id, fd, pio: pio.clone(), stop: stop.clone(), events: events.clone() };
+            let runner = VcpuRunner {
+                id,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                stop: stop.clone(),
+                events: events.clone(),
+            };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || runner.run())

@@ -64,6 +64,49 @@ impl PioBus {
     }
 }
 
+struct MmioRange {
+    base: u64,
+    len: u64,
+    device: Arc<Mutex<dyn MmioDevice>>,
+}
+
+/// MMIO bus: maps guest-physical ranges (in the 32-bit hole) to devices.
+#[derive(Default)]
+pub struct MmioBus {
+    ranges: Vec<MmioRange>,
+}
+
+impl MmioBus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn MmioDevice>>) {
+        self.ranges.push(MmioRange { base, len, device });
+    }
+
+    fn find(&self, addr: u64) -> Option<(&MmioRange, u64)> {
+        self.ranges
+            .iter()
+            .find(|r| addr >= r.base && addr - r.base < r.len)
+            .map(|r| (r, addr - r.base))
+    }
+
+    /// Reads from `addr`; unbacked addresses float high.
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
+            Some((r, off)) => r.device.lock().unwrap_or_else(|p| p.into_inner()).read(off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        if let Some((r, off)) = self.find(addr) {
+            r.device.lock().unwrap_or_else(|p| p.into_inner()).write(off, data);
+        }
+    }
+}
+
 /// A device mutex poisoned by a panicking vCPU thread still holds valid
 /// register state; keep serving rather than cascading the panic.
 fn lock<'a>(m: &'a Mutex<dyn PioDevice + 'static>) -> std::sync::MutexGuard<'a, dyn PioDevice + 'static> {

@@ -5,4 +5,4 @@ pub mod i8042;
 pub mod serial;
 pub mod virtio;
 
-pub use bus::{PioBus, PioDevice};
+pub use bus::{MmioBus, MmioDevice, PioBus, PioDevice};
