@@ -34,29 +34,27 @@ fn session() -> &'static Transcript {
 }
 
 fn run_session() -> Transcript {
-    {
-        common::ensure_image();
-        let mut c = Console::start(&["--vcpus", "2", "--mem", "256"]);
-        let hb = c.wait_for(0, "the first heartbeat", |l| heartbeat(l).is_some());
-        let shell = c.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
-        c.wait_prompt(shell, "guest# ");
-        // Let the counter tick past the restart values we check for below.
-        let later = c.wait_for(hb, "more heartbeats", |l| heartbeat(l).is_some_and(|(n, _)| n >= 10));
-        c.type_line("reboot -f");
-        let init2 = c.wait_for(later, "the guest init after reboot", |l| l.contains("dvisor-guest: init"));
-        let hb2 = c.wait_for(init2, "a heartbeat after reboot", |l| heartbeat(l).is_some());
-        let shell2 = c.wait_for(init2, "the guest shell after reboot", |l| l.contains("dvisor-guest: shell"));
-        c.wait_prompt(shell2, "guest# ");
-        c.type_line("poweroff -f");
-        let exit = c.wait_exit();
-        Transcript {
-            lines: c.lines(),
-            first_boot_heartbeat: hb,
-            second_boot_init: init2,
-            second_boot_heartbeat: hb2,
-            exit,
-            stderr: c.stderr(),
-        }
+    common::ensure_image();
+    let mut c = Console::start(&["--vcpus", "2", "--mem", "256"]);
+    let hb = c.wait_for(0, "the first heartbeat", |l| heartbeat(l).is_some());
+    let shell = c.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
+    c.wait_prompt(shell, "guest# ");
+    // Let the counter tick past the restart values we check for below.
+    let later = c.wait_for(hb, "more heartbeats", |l| heartbeat(l).is_some_and(|(n, _)| n >= 10));
+    c.type_line("reboot -f");
+    let init2 = c.wait_for(later, "the guest init after reboot", |l| l.contains("dvisor-guest: init"));
+    let hb2 = c.wait_for(init2, "a heartbeat after reboot", |l| heartbeat(l).is_some());
+    let shell2 = c.wait_for(init2, "the guest shell after reboot", |l| l.contains("dvisor-guest: shell"));
+    c.wait_prompt(shell2, "guest# ");
+    c.type_line("poweroff -f");
+    let exit = c.wait_exit();
+    Transcript {
+        lines: c.lines(),
+        first_boot_heartbeat: hb,
+        second_boot_init: init2,
+        second_boot_heartbeat: hb2,
+        exit,
+        stderr: c.stderr(),
     }
 }
 

@@ -88,15 +88,15 @@ impl Console {
         Console { stdin: child.stdin.take(), child, shared, stderr }
     }
 
-    /// Waits for a line (after line index `from`) that satisfies `pred`;
-    /// returns its index. Panics with the transcript on timeout or exit.
-    pub fn wait_for(&self, from: usize, what: &str, pred: impl Fn(&str) -> bool) -> usize {
+    /// Waits until `found` answers from the console seen so far. Panics
+    /// with the console tail on timeout or when the VMM's output ends.
+    fn wait_until<T>(&self, what: &str, found: impl Fn(&Shared) -> Option<T>) -> T {
         let deadline = Instant::now() + STEP_TIMEOUT;
         let (m, cv) = &*self.shared;
         let mut g = m.lock().unwrap();
         loop {
-            if let Some(i) = g.lines.iter().skip(from).position(|l| pred(l)) {
-                return from + i;
+            if let Some(v) = found(&g) {
+                return v;
             }
             let now = Instant::now();
             if g.closed || now >= deadline {
@@ -113,31 +113,21 @@ impl Console {
         }
     }
 
+    /// Waits for a line (after line index `from`) that satisfies `pred`;
+    /// returns its index.
+    pub fn wait_for(&self, from: usize, what: &str, pred: impl Fn(&str) -> bool) -> usize {
+        self.wait_until(what, |g| g.lines.iter().skip(from).position(|l| pred(l)).map(|i| from + i))
+    }
+
     /// Waits until the guest shell has printed its prompt (after line
     /// `from`), so typed input reaches the shell rather than being flushed
     /// while it sets up its terminal.
     pub fn wait_prompt(&self, from: usize, prompt: &str) {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        let (m, cv) = &*self.shared;
-        let mut g = m.lock().unwrap();
-        loop {
-            // The heartbeat keeps printing, so the prompt soon ends up at
-            // the start of a full line rather than staying the last one.
-            if g.partial.contains(prompt) || g.lines.iter().skip(from).any(|l| l.contains(prompt)) {
-                return;
-            }
-            let now = Instant::now();
-            if g.closed || now >= deadline {
-                let tail: Vec<_> = g.lines.iter().rev().take(40).rev().cloned().collect();
-                drop(g);
-                panic!(
-                    "no shell prompt {prompt:?}\n--- console tail ---\n{}\n--- stderr ---\n{}",
-                    tail.join("\n"),
-                    self.stderr()
-                );
-            }
-            g = cv.wait_timeout(g, deadline - now).unwrap().0;
-        }
+        // The heartbeat keeps printing, so the prompt soon ends up at the
+        // start of a full line rather than staying the last one.
+        self.wait_until(&format!("the shell prompt {prompt:?}"), |g| {
+            (g.partial.contains(prompt) || g.lines.iter().skip(from).any(|l| l.contains(prompt))).then_some(())
+        })
     }
 
     pub fn line_count(&self) -> usize {

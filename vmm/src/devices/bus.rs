@@ -1,5 +1,5 @@
-//! Port-I/O bus: maps port ranges to devices.
-use std::sync::{Arc, Mutex};
+//! The port-I/O and MMIO buses: map address ranges to devices.
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A device reached through x86 port I/O. `offset` is relative to the base
 /// port the device was registered at; `data` is 1, 2 or 4 bytes as the guest
@@ -16,24 +16,35 @@ pub trait MmioDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
-struct Range {
-    base: u16,
-    len: u16,
-    device: Arc<Mutex<dyn PioDevice>>,
+struct Range<D: ?Sized> {
+    base: u64,
+    len: u64,
+    device: Arc<Mutex<D>>,
 }
 
-#[derive(Default)]
-pub struct PioBus {
-    ranges: Vec<Range>,
+/// Maps address ranges to devices; one lookup for both address spaces.
+pub struct Bus<D: ?Sized> {
+    ranges: Vec<Range<D>>,
 }
 
-impl PioBus {
+/// x86 port I/O.
+pub type PioBus = Bus<dyn PioDevice>;
+/// Guest-physical MMIO (devices in the 32-bit hole).
+pub type MmioBus = Bus<dyn MmioDevice>;
+
+impl<D: ?Sized> Default for Bus<D> {
+    fn default() -> Self {
+        Bus { ranges: Vec::new() }
+    }
+}
+
+impl<D: ?Sized> Bus<D> {
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Registers `device` at `[base, base+len)`. Overlaps are a VMM bug.
-    pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) {
+    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<D>>) {
         debug_assert!(self
             .ranges
             .iter()
@@ -41,76 +52,48 @@ impl PioBus {
         self.ranges.push(Range { base, len, device });
     }
 
-    fn find(&self, port: u16) -> Option<(&Range, u16)> {
+    /// The device at `addr` (locked) and the offset into it.
+    fn find(&self, addr: u64) -> Option<(MutexGuard<'_, D>, u64)> {
         self.ranges
             .iter()
-            .find(|r| port >= r.base && port - r.base < r.len)
-            .map(|r| (r, port - r.base))
+            .find(|r| addr >= r.base && addr - r.base < r.len)
+            // A device mutex poisoned by a panicking vCPU thread still holds
+            // valid register state; keep serving rather than cascading.
+            .map(|r| (r.device.lock().unwrap_or_else(|p| p.into_inner()), addr - r.base))
     }
+}
 
+impl PioBus {
     /// Reads from `port`; ports nobody owns float high, as on a real bus.
     pub fn read(&self, port: u16, data: &mut [u8]) {
-        match self.find(port) {
-            Some((r, off)) => lock(&r.device).read(off, data),
+        match self.find(u64::from(port)) {
+            Some((mut d, off)) => d.read(off as u16, data),
             None => data.fill(0xff),
         }
     }
 
     /// Writes to `port`; writes to unowned ports are dropped.
     pub fn write(&self, port: u16, data: &[u8]) {
-        if let Some((r, off)) = self.find(port) {
-            lock(&r.device).write(off, data);
+        if let Some((mut d, off)) = self.find(u64::from(port)) {
+            d.write(off as u16, data);
         }
     }
 }
 
-struct MmioRange {
-    base: u64,
-    len: u64,
-    device: Arc<Mutex<dyn MmioDevice>>,
-}
-
-/// MMIO bus: maps guest-physical ranges (in the 32-bit hole) to devices.
-#[derive(Default)]
-pub struct MmioBus {
-    ranges: Vec<MmioRange>,
-}
-
 impl MmioBus {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn MmioDevice>>) {
-        self.ranges.push(MmioRange { base, len, device });
-    }
-
-    fn find(&self, addr: u64) -> Option<(&MmioRange, u64)> {
-        self.ranges
-            .iter()
-            .find(|r| addr >= r.base && addr - r.base < r.len)
-            .map(|r| (r, addr - r.base))
-    }
-
     /// Reads from `addr`; unbacked addresses float high.
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr) {
-            Some((r, off)) => r.device.lock().unwrap_or_else(|p| p.into_inner()).read(off, data),
+            Some((mut d, off)) => d.read(off, data),
             None => data.fill(0xff),
         }
     }
 
     pub fn write(&self, addr: u64, data: &[u8]) {
-        if let Some((r, off)) = self.find(addr) {
-            r.device.lock().unwrap_or_else(|p| p.into_inner()).write(off, data);
+        if let Some((mut d, off)) = self.find(addr) {
+            d.write(off, data);
         }
     }
-}
-
-/// A device mutex poisoned by a panicking vCPU thread still holds valid
-/// register state; keep serving rather than cascading the panic.
-fn lock<'a>(m: &'a Mutex<dyn PioDevice + 'static>) -> std::sync::MutexGuard<'a, dyn PioDevice + 'static> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
