@@ -30,6 +30,8 @@ pub enum VmmError {
     Acpi(String),
     #[error("loading the guest: {0}")]
     Boot(String),
+    #[error("creating an interrupt eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
     #[error("starting vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
     #[error("installing signal handlers: {0}")]

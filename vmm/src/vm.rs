@@ -70,7 +70,15 @@ pub fn run(
         boot.stop();
         tracing::debug!("vCPUs stopped");
         input.set(None);
-        while rx.try_recv().is_ok() {} // stale events of the dead boot
+        // Events the dead boot sent while it stopped are stale, except a
+        // termination signal: Ctrl-C during a reboot still stops the VMM.
+        let late_signal = rx
+            .try_iter()
+            .filter_map(|e| match e {
+                VmEvent::Signal(s) => Some(s),
+                _ => None,
+            })
+            .last();
         match event {
             VmEvent::PowerOff => return Ok(RunOutcome::PowerOff),
             VmEvent::Signal(s) => return Ok(RunOutcome::Signal(s)),
@@ -79,6 +87,9 @@ pub fn run(
             }
             VmEvent::Reset { source } => {
                 tracing::info!("guest reset through {source}");
+                if let Some(s) = late_signal {
+                    return Ok(RunOutcome::Signal(s));
+                }
                 if config.on_reboot == OnReboot::Exit {
                     return Ok(RunOutcome::Reboot);
                 }
@@ -106,7 +117,7 @@ fn attach_disks(
             base: layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE,
             gsi: layout::VIRTIO_GSI_BASE + i as u32,
         };
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::GuestMemory)?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         vm.register_irqfd(&irq, slot.gsi)
             .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
         let block = Block::open(&disk.path, disk.read_only).map_err(|e| VmmError::Disk(e.to_string()))?;
@@ -120,7 +131,7 @@ fn attach_disks(
 
 /// A running boot: dropping it without `stop` would leak vCPU threads.
 struct Boot {
-    _vm: VmFd,
+    vm: VmFd,
     _ram: GuestRam,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -168,14 +179,14 @@ impl Boot {
             rsdp,
         )?;
 
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::GuestMemory)?;
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         vm.register_irqfd(&serial_irq, COM1_GSI)
             .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console_out)));
         let mut pio = PioBus::new();
-        pio.insert(COM1_PORT, COM1_LEN, serial.clone());
-        pio.insert(I8042_PORT, I8042_LEN, Arc::new(Mutex::new(I8042::new(events.clone()))));
-        pio.insert(ACPI_PM_PORT, ACPI_PM_LEN, Arc::new(Mutex::new(AcpiPm::new(events.clone()))));
+        pio.insert(COM1_PORT.into(), COM1_LEN.into(), serial.clone());
+        pio.insert(I8042_PORT.into(), I8042_LEN.into(), Arc::new(Mutex::new(I8042::new(events.clone()))));
+        pio.insert(ACPI_PM_PORT.into(), ACPI_PM_LEN.into(), Arc::new(Mutex::new(AcpiPm::new(events.clone()))));
         let pio = Arc::new(pio);
         input.set(Some(serial));
 
@@ -183,9 +194,10 @@ impl Boot {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let mut boot = Boot { _vm: vm, _ram: ram, stop: stop.clone(), threads: Vec::new() };
+        let mut boot = Boot { vm, _ram: ram, stop: stop.clone(), threads: Vec::new() };
         for id in 0..u32::from(config.vcpus) {
-            let fd = boot._vm
+            let fd = boot
+                .vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
             cpu::configure_common(&fd, &cpu::cpuid_for(&base_cpuid, id, u32::from(config.vcpus)))?;
