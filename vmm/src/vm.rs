@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{OnReboot, VmConfig};
 use crate::console::{self, InputTarget};
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN, ACPI_PM_PORT};
-use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
+use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT, KEYBOARD_GSI};
 use crate::devices::serial::{ConsoleOut, Serial, COM1_GSI, COM1_LEN, COM1_PORT};
 use crate::acpi::VirtioSlot;
 use crate::devices::virtio::block::Block;
@@ -185,7 +185,11 @@ impl Boot {
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console_out)));
         let mut pio = PioBus::new();
         pio.insert(COM1_PORT.into(), COM1_LEN.into(), serial.clone());
-        pio.insert(I8042_PORT.into(), I8042_LEN.into(), Arc::new(Mutex::new(I8042::new(events.clone()))));
+        let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&kbd_irq, KEYBOARD_GSI)
+            .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(events.clone(), Box::new(EventFdIrq(kbd_irq)))));
+        pio.insert(I8042_PORT.into(), I8042_LEN.into(), i8042.clone());
         pio.insert(ACPI_PM_PORT.into(), ACPI_PM_LEN.into(), Arc::new(Mutex::new(AcpiPm::new(events.clone()))));
         let pio = Arc::new(pio);
         input.set(Some(serial));

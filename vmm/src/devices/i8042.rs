@@ -4,10 +4,13 @@
 //! The keyboard itself (scancodes on IRQ 1, injection) comes with the
 //! support API; the FADT does not announce an 8042 yet, so the guest's
 //! driver does not probe for it.
+use crate::devices::irq::IrqLine;
 use crate::devices::PioDevice;
 use crate::lifecycle::{EventSender, VmEvent};
 
 pub const I8042_PORT: u16 = 0x60;
+/// The keyboard's ISA interrupt (IOAPIC pin 1, edge).
+pub const KEYBOARD_GSI: u32 = 1;
 /// Ports 0x60 (data) to 0x64 (status/command).
 pub const I8042_LEN: u16 = 5;
 const DATA: u16 = 0;
@@ -16,11 +19,13 @@ const CMD_RESET_CPU: u8 = 0xfe;
 
 pub struct I8042 {
     events: EventSender,
+    #[allow(dead_code)]
+    irq: Box<dyn IrqLine>,
 }
 
 impl I8042 {
-    pub fn new(events: EventSender) -> Self {
-        I8042 { events }
+    pub fn new(events: EventSender, irq: Box<dyn IrqLine>) -> Self {
+        I8042 { events, irq }
     }
 }
 

@@ -2,6 +2,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
+pub mod irq;
 pub mod serial;
 pub mod virtio;
 

@@ -16,7 +16,6 @@ use std::io;
 use std::path::PathBuf;
 
 use virtio_queue::Queue;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
 
@@ -30,21 +29,7 @@ pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 
-/// The interrupt line of one device. The VMM backs it with a KVM irqfd, so
-/// raising it never takes a VM exit.
-pub trait IrqLine: Send {
-    fn trigger(&self) -> io::Result<()>;
-}
-
-/// An irqfd: register the inner EventFd with `VmFd::register_irqfd` on the
-/// device's GSI.
-pub struct EventFdIrq(pub EventFd);
-
-impl IrqLine for EventFdIrq {
-    fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
-    }
-}
+pub use crate::devices::irq::{EventFdIrq, IrqLine};
 
 /// What a device type adds to the transport.
 pub trait VirtioDevice: Send {
