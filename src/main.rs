@@ -1,6 +1,8 @@
 //! The `dvisor` command line: parses arguments and calls the crates.
 mod bench;
 mod images;
+mod monitor_cmd;
+mod ops;
 mod policy;
 mod run;
 
@@ -29,6 +31,22 @@ enum Cmd {
     /// Benchmarks that print a ratio against a baseline measured side by side.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Run the D-System Monitor attached to a running VM (`dvisor run` starts one).
+    Monitor(monitor_cmd::MonitorArgs),
+    /// Pause all vCPUs of a VM.
+    Pause(ops::SimpleArgs),
+    /// Resume a paused VM.
+    Resume(ops::SimpleArgs),
+    /// Show vCPU registers.
+    Regs(ops::RegsArgs),
+    /// Type on the guest's PS/2 keyboard.
+    Keys(ops::KeysArgs),
+    /// Show per-device I/O counters.
+    Stats(ops::SimpleArgs),
+    /// Follow the VM's events: console lines, device I/O, lifecycle, debug.
+    Events(ops::EventsArgs),
+    /// Show the VM's and its monitor's state.
+    Status(ops::SimpleArgs),
 }
 
 fn main() {
@@ -43,6 +61,14 @@ fn main() {
         Cmd::Carrier(a) => images::run_carrier(a),
         Cmd::Policy(c) => policy::run(c),
         Cmd::Bench(c) => bench::run(c),
+        Cmd::Monitor(a) => monitor_cmd::run(a),
+        Cmd::Pause(a) => ops::pause(a),
+        Cmd::Resume(a) => ops::resume(a),
+        Cmd::Regs(a) => ops::regs(a),
+        Cmd::Keys(a) => ops::keys(a),
+        Cmd::Stats(a) => ops::stats(a),
+        Cmd::Events(a) => ops::events(a),
+        Cmd::Status(a) => ops::status(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

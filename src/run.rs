@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use dvisor_vmm::{DiskConfig, OnReboot, RunOutcome, VmConfig, VmmError};
+use dvisor_monitor::paths;
+use dvisor_vmm::{DiskConfig, NetConfig, OnReboot, RunOutcome, VmConfig, VmmError};
 
 /// Exit status when the guest rebooted and `--on-reboot exit` was given.
 pub const EXIT_GUEST_REBOOT: i32 = 3;
@@ -30,7 +31,14 @@ corrupt kernel, bad flags); 3 guest rebooted with --on-reboot exit; 128+N \
 stopped by signal N (Ctrl-C: 130).
 
 The console is the guest's COM1. Typed input goes to the guest; Ctrl-C stops \
-the VM.")]
+the VM.
+
+The VMM serves the support API on a UNIX socket (--api) and starts the \
+D-System Monitor as a second process (unless --no-monitor); `dvisor pause`, \
+`regs`, `keys`, `stats`, `events` and `status` talk to that monitor. Sockets \
+live in <runtime dir>/<name>/ where the runtime dir is $DVISOR_RUNTIME_DIR, \
+else $XDG_RUNTIME_DIR/dvisor, else /tmp/dvisor-<uid>. Inside the carrier VM \
+they live in the carrier, so run those commands in the same carrier.")]
 pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 2)]
@@ -51,6 +59,20 @@ pub struct RunArgs {
     /// order); append ",readonly" to refuse guest writes. Repeatable.
     #[arg(long, value_name = "FILE[,readonly]", value_parser = parse_disk)]
     pub disk: Vec<DiskConfig>,
+    /// Network interface served as virtio-net (eth0, eth1, ... in order),
+    /// backed by an existing host tap device: tap=NAME[,mac=XX:XX:XX:XX:XX:XX].
+    /// See scripts/tap-up.sh. Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    pub net: Vec<NetConfig>,
+    /// Name of this VM: its sockets live in <runtime dir>/<name>/.
+    #[arg(long, value_name = "NAME", default_value = paths::DEFAULT_VM_NAME)]
+    pub name: String,
+    /// Serve the support API here [default: <runtime dir>/<name>/api.sock].
+    #[arg(long, value_name = "PATH")]
+    pub api: Option<PathBuf>,
+    /// Do not start the monitor process (start one later with `dvisor monitor`).
+    #[arg(long)]
+    pub no_monitor: bool,
     /// What to do when the guest reboots.
     #[arg(long, value_enum, default_value = "restart")]
     pub on_reboot: RebootAction,
@@ -63,6 +85,10 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    if let Err(e) = paths::check_vm_name(&args.name) {
+        eprintln!("dvisor: error: --name: {e}");
+        return Ok(EXIT_CONFIG);
+    }
     let (kernel, initrd) = match resolve_image(&args) {
         Ok(v) => v,
         Err(e) => {
@@ -81,6 +107,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             RebootAction::Exit => OnReboot::Exit,
         },
         disks: args.disk.clone(),
+        nets: args.net.clone(),
+        api_socket: Some(args.api.clone().unwrap_or_else(|| paths::api_socket(&args.name))),
     };
     // Configuration errors are the same everywhere: report them here
     // rather than after a carrier boot.
@@ -100,7 +128,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("dvisor: no hardware virtualization on this host; running inside the carrier VM (QEMU TCG with emulated SVM)");
         return run_in_carrier(&config, &args);
     }
-    run_direct(&config)
+    run_direct(&config, &args)
 }
 
 fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
@@ -118,7 +146,12 @@ fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
     Ok((image.kernel, Some(args.initrd.clone().unwrap_or(image.initrd))))
 }
 
-fn run_direct(config: &VmConfig) -> anyhow::Result<i32> {
+fn run_direct(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
+    if !args.no_monitor {
+        if let Some(api) = &config.api_socket {
+            spawn_monitor(api, &args.name)?;
+        }
+    }
     let _term = dvisor_vmm::console::RawTerminal::enable();
     let outcome = dvisor_vmm::run(config, &|| Box::new(std::io::stdout()));
     let _ = std::io::stdout().flush();
@@ -139,7 +172,9 @@ fn run_direct(config: &VmConfig) -> anyhow::Result<i32> {
             | VmmError::InitrdOpen(..)
             | VmmError::Config(_)
             | VmmError::Cmdline(_)
-            | VmmError::Disk(_)),
+            | VmmError::Disk(_)
+            | VmmError::Net(_)
+            | VmmError::Api(..)),
         ) => {
             eprintln!("dvisor: error: {e}");
             EXIT_CONFIG
@@ -149,6 +184,32 @@ fn run_direct(config: &VmConfig) -> anyhow::Result<i32> {
             EXIT_GUEST_FAILED
         }
     })
+}
+
+/// Starts the monitor as its own process, in its own process group so that
+/// a Ctrl-C meant for the console does not reach it; it exits by itself
+/// when the VMM closes the support API. Its log goes to monitor.log.
+fn spawn_monitor(api: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding the dvisor executable")?;
+    let dir = api.parent().map(PathBuf::from).unwrap_or_else(|| paths::vm_dir(name));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log_path = dir.join("monitor.log");
+    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut child = std::process::Command::new(exe)
+        .args(["monitor", "--vm", name, "--attach"])
+        .arg(api)
+        .arg("--control")
+        .arg(dir.join("monitor.sock"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the monitor process")?;
+    // Reap it whenever it ends (killed, upgraded, or after the VMM).
+    std::thread::spawn(move || child.wait());
+    Ok(())
 }
 
 fn run_in_carrier(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
@@ -173,6 +234,18 @@ fn run_in_carrier(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
         let ro = if d.read_only { ",readonly" } else { "" };
         cmd.push(format!("--disk={}{ro}", absolute(&d.path).display()));
     }
+    for n in &config.nets {
+        cmd.push(format!("--net=tap={},mac={}", n.tap, format_mac(&n.mac)));
+    }
+    // Socket paths are resolved inside the carrier (its runtime dir is a
+    // local tmpfs), unless given explicitly.
+    cmd.push(format!("--name={}", args.name));
+    if let Some(api) = &args.api {
+        cmd.push(format!("--api={}", api.display()));
+    }
+    if args.no_monitor {
+        cmd.push("--no-monitor".into());
+    }
     // The carrier needs room for the guest plus its own kernel and page cache.
     let carrier_mem = if args.carrier_mem > 0 {
         args.carrier_mem
@@ -196,6 +269,40 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
         return Err("empty disk path".into());
     }
     Ok(DiskConfig { path: path.into(), read_only })
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = dvisor_vmm::devices::virtio::net::DEFAULT_MAC;
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+            Some(("mac", m)) => mac = parse_mac(m)?,
+            _ => return Err(format!("bad --net part {part:?}: expected tap=NAME[,mac=XX:XX:XX:XX:XX:XX]")),
+        }
+    }
+    let tap = tap.ok_or("--net needs tap=NAME (create one with scripts/tap-up.sh)")?;
+    Ok(NetConfig { tap, mac })
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("bad MAC address {s:?}: expected six hex bytes like 02:d5:00:00:00:01");
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("MAC address {s} is multicast (lowest bit of the first byte set): pick a unicast one"));
+    }
+    Ok(mac)
+}
+
+fn format_mac(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 fn absolute(p: &std::path::Path) -> PathBuf {

@@ -1,4 +1,15 @@
-//! D-System Monitor: VMI, live patching and policy from outside the guest.
-//!
-//! Not built yet: the support API it attaches to lands with issue 3. See
-//! docs/architecture.md for the design it will follow.
+//! D-System Monitor: a process outside the VM that attaches to a VMM
+//! through the support API, maps guest memory, follows its events and
+//! serves the operator's control socket (docs/monitor.md).
+pub mod client;
+pub mod control;
+pub mod daemon;
+pub mod error;
+pub mod guest_memory;
+pub mod paths;
+
+pub use client::VmmClient;
+pub use control::{ControlClient, ControlRequest};
+pub use daemon::Monitor;
+pub use error::MonitorError;
+pub use guest_memory::GuestMemoryMap;

@@ -26,6 +26,13 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// A virtio-net interface backed by a host tap device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -35,6 +42,9 @@ pub struct VmConfig {
     pub mem_mib: u64,
     pub on_reboot: OnReboot,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    /// Where to serve the support API; `None` serves none.
+    pub api_socket: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -55,10 +65,11 @@ impl VmConfig {
             return Err(VmmError::Config(format!("--mem {} MiB is more than 1 TiB", self.mem_mib)));
         }
         crate::boot::check_bzimage(&self.kernel)?;
-        if self.disks.len() > crate::layout::MAX_VIRTIO_DEVICES {
+        if self.disks.len() + self.nets.len() > crate::layout::MAX_VIRTIO_DEVICES {
             return Err(VmmError::Config(format!(
-                "{} disks given; at most {} virtio devices fit",
+                "{} disks and {} network interfaces given; at most {} virtio devices fit",
                 self.disks.len(),
+                self.nets.len(),
                 crate::layout::MAX_VIRTIO_DEVICES
             )));
         }

@@ -14,6 +14,10 @@ pub enum VmmError {
     Cmdline(String),
     #[error("disk: {0}")]
     Disk(String),
+    #[error("network: {0}")]
+    Net(String),
+    #[error("cannot serve the support API at {0}: {1}")]
+    Api(PathBuf, #[source] std::io::Error),
     #[error("invalid VM configuration: {0}")]
     Config(String),
     #[error("cannot open /dev/kvm: {0} (is KVM available here? `dvisor run` uses the carrier VM when it is not)")]

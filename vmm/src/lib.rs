@@ -4,6 +4,7 @@
 //! monitor gets everything else through the support API (issue 3).
 pub mod acpi;
 pub mod aml;
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod console;
@@ -15,8 +16,9 @@ pub mod lifecycle;
 pub mod memory;
 pub mod signals;
 pub mod vcpu;
+pub mod vcpu_control;
 pub mod vm;
 
-pub use config::{DiskConfig, OnReboot, VmConfig, DEFAULT_CMDLINE};
+pub use config::{DiskConfig, NetConfig, OnReboot, VmConfig, DEFAULT_CMDLINE};
 pub use error::VmmError;
 pub use vm::{run, RunOutcome};

@@ -1,5 +1,6 @@
 //! Process signals: SIGINT/SIGTERM/SIGHUP become lifecycle events, and a
 //! real-time signal kicks vCPU threads out of KVM_RUN.
+use std::cell::Cell;
 use std::io::Read;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -25,7 +26,28 @@ extern "C" fn on_terminate(sig: libc::c_int) {
     }
 }
 
-extern "C" fn on_kick(_sig: libc::c_int) {}
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, when it is a vCPU thread.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Makes kicks of the calling thread set `*flag` (a vCPU's
+/// `kvm_run.immediate_exit`), so a kick that arrives just before KVM_RUN
+/// still makes it return. Pass null before the mapping goes away.
+pub fn set_immediate_exit_target(flag: *mut u8) {
+    IMMEDIATE_EXIT.with(|c| c.set(flag));
+}
+
+extern "C" fn on_kick(_sig: libc::c_int) {
+    // A const-initialized thread-local without destructor is a plain TLS
+    // load, safe in a signal handler.
+    let flag = IMMEDIATE_EXIT.with(Cell::get);
+    if !flag.is_null() {
+        // SAFETY: the vCPU thread set this to its own live kvm_run mapping
+        // and clears it before unmapping; we run on that same thread.
+        unsafe { std::ptr::write_volatile(flag, 1) };
+    }
+}
 
 fn install(sig: i32, handler: extern "C" fn(libc::c_int)) -> std::io::Result<()> {
     // SAFETY: a zeroed sigaction with a valid handler and an empty mask. No

@@ -82,6 +82,12 @@ impl Tap {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Another handle on the same tap queue, so that the tap (and the
+    /// host's address on it) outlives a guest reboot.
+    pub fn try_clone(&self) -> io::Result<Tap> {
+        Ok(Tap { file: self.file.try_clone()?, name: self.name.clone() })
+    }
 }
 
 impl AsRawFd for Tap {
@@ -133,6 +139,12 @@ impl<B: NetBackend> Net<B> {
             rx_pending: None,
             tx_frame: vec![0; MAX_FRAME],
         }
+    }
+
+    /// A frame is waiting for the guest to post RX buffers; polling the
+    /// backend again would only spin until it does.
+    pub fn rx_blocked(&self) -> bool {
+        self.rx_pending.is_some()
     }
 
     pub fn backend(&self) -> &B {

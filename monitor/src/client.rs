@@ -1,0 +1,214 @@
+//! A support-API client: one connection to a VMM, requests matched to
+//! replies by id, events handed to whoever subscribed.
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dvisor_vmm::api::fdpass::recv_with_fds;
+use dvisor_vmm::api::protocol::{
+    encode_line, ApiError, Envelope, ErrorCode, Event, Request, PROTOCOL_VERSION,
+};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::error::MonitorError;
+
+/// How long a reply may take. Generous: `keys` replies only after typing.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One server line, loosely typed: the request id says what `ok` holds.
+#[derive(Debug, Deserialize)]
+struct RawMessage {
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default)]
+    ok: Option<serde_json::Value>,
+    #[serde(default)]
+    error: Option<ApiError>,
+    #[serde(default)]
+    event: Option<Event>,
+}
+
+struct Pending {
+    tx: SyncSender<(Result<serde_json::Value, ApiError>, Vec<OwnedFd>)>,
+}
+
+type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
+
+pub struct VmmClient {
+    path: PathBuf,
+    writer: Mutex<UnixStream>,
+    next_id: AtomicU64,
+    pending: PendingMap,
+    shared_events: Arc<Mutex<Option<Sender<Event>>>>,
+    pub features: Vec<String>,
+}
+
+impl VmmClient {
+    /// Connects and says hello.
+    pub fn connect(path: &Path, client_name: &str) -> Result<VmmClient, MonitorError> {
+        let stream = UnixStream::connect(path).map_err(|e| MonitorError::Connect(path.to_owned(), e))?;
+        let reader = stream.try_clone().map_err(|e| MonitorError::Io("cloning the API socket".into(), e))?;
+        let pending: PendingMap = Arc::default();
+        let shared_events: Arc<Mutex<Option<Sender<Event>>>> = Arc::default();
+        {
+            let (pending, events) = (pending.clone(), shared_events.clone());
+            std::thread::Builder::new()
+                .name("api-reader".into())
+                .spawn(move || read_loop(reader, pending, events))
+                .map_err(|e| MonitorError::Io("starting the API reader".into(), e))?;
+        }
+        let mut client = VmmClient {
+            path: path.to_owned(),
+            writer: Mutex::new(stream),
+            next_id: AtomicU64::new(1),
+            pending,
+            shared_events,
+            features: Vec::new(),
+        };
+        #[derive(Deserialize)]
+        struct Hello {
+            features: Vec<String>,
+        }
+        let hello: Hello =
+            client.call(Request::Hello { version: PROTOCOL_VERSION, client: client_name.into() })?;
+        client.features = hello.features;
+        Ok(client)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sends a request and waits for its reply, decoded as `T`.
+    pub fn call<T: DeserializeOwned>(&self, request: Request) -> Result<T, MonitorError> {
+        let (value, _fds) = self.call_raw(request)?;
+        serde_json::from_value(value).map_err(|e| MonitorError::Protocol(format!("unexpected reply: {e}")))
+    }
+
+    /// Like `call`, also returning descriptors that came with the reply.
+    pub fn call_raw(&self, request: Request) -> Result<(serde_json::Value, Vec<OwnedFd>), MonitorError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.lock_pending().insert(id, Pending { tx });
+        let line = encode_line(&Envelope { id, request });
+        let sent = self.writer.lock().map(|mut w| w.write_all(&line));
+        if !matches!(sent, Ok(Ok(()))) {
+            self.lock_pending().remove(&id);
+            return Err(MonitorError::Disconnected(self.path.clone()));
+        }
+        match rx.recv_timeout(REPLY_TIMEOUT) {
+            Ok((Ok(v), fds)) => Ok((v, fds)),
+            Ok((Err(e), _)) => Err(MonitorError::Api(e)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(MonitorError::Disconnected(self.path.clone())),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.lock_pending().remove(&id);
+                Err(MonitorError::Protocol(format!("no reply within {REPLY_TIMEOUT:?}")))
+            }
+        }
+    }
+
+    /// Sends raw bytes (for tests of the server's error handling).
+    pub fn send_raw(&self, bytes: &[u8]) -> Result<(), MonitorError> {
+        self.writer
+            .lock()
+            .map_err(|_| MonitorError::Disconnected(self.path.clone()))?
+            .write_all(bytes)
+            .map_err(|_| MonitorError::Disconnected(self.path.clone()))
+    }
+
+    /// Subscribes; events arrive on the returned receiver until the
+    /// connection ends (then it disconnects).
+    pub fn subscribe(&self, kinds: &[dvisor_vmm::api::protocol::EventKind]) -> Result<Receiver<Event>, MonitorError> {
+        let (tx, rx) = mpsc::channel();
+        if let Ok(mut e) = self.shared_events.lock() {
+            *e = Some(tx);
+        }
+        let _: serde_json::Value = self.call(Request::Subscribe { kinds: kinds.to_vec() })?;
+        Ok(rx)
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for VmmClient {
+    fn drop(&mut self) {
+        if let Ok(w) = self.writer.lock() {
+            let _ = w.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn read_loop(stream: UnixStream, pending: PendingMap, events: Arc<Mutex<Option<Sender<Event>>>>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut line = Vec::new();
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    loop {
+        let (n, got) = match recv_with_fds(&stream, &mut buf) {
+            Ok((0, _)) | Err(_) => break,
+            Ok(v) => v,
+        };
+        fds.extend(got);
+        let mut start = 0;
+        for i in 0..n {
+            if buf[i] != b'\n' {
+                continue;
+            }
+            line.extend_from_slice(&buf[start..i]);
+            start = i + 1;
+            deliver(&std::mem::take(&mut line), &mut fds, &pending, &events);
+        }
+        line.extend_from_slice(&buf[start..n]);
+    }
+    // Wake every waiter: the VMM is gone.
+    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    if let Ok(mut e) = events.lock() {
+        e.take();
+    }
+}
+
+fn deliver(
+    line: &[u8],
+    fds: &mut Vec<OwnedFd>,
+    pending: &PendingMap,
+    events: &Arc<Mutex<Option<Sender<Event>>>>,
+) {
+    let msg: RawMessage = match serde_json::from_slice(line) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("support API sent a line we cannot parse: {e}");
+            return;
+        }
+    };
+    if let Some(ev) = msg.event {
+        if let Ok(e) = events.lock() {
+            if let Some(tx) = e.as_ref() {
+                let _ = tx.send(ev);
+            }
+        }
+        return;
+    }
+    let result = match (msg.ok, msg.error) {
+        (Some(v), _) => Ok(v),
+        (None, Some(e)) => Err(e),
+        (None, None) => Err(ApiError::new(ErrorCode::Failed, "reply with neither ok nor error")),
+    };
+    let Some(id) = msg.id else {
+        if let Err(e) = result {
+            tracing::warn!("support API error without a request id: {e}");
+        }
+        return;
+    };
+    let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    if let Some(p) = waiter {
+        let _ = p.tx.send((result, std::mem::take(fds)));
+    }
+}

@@ -1,0 +1,300 @@
+//! `dvisor monitor`: attach to a VMM, map its memory, follow its events
+//! and serve the operator's control socket. The guest never depends on
+//! this process: kill it and the VM runs on; start it again and it
+//! re-attaches.
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use dvisor_vmm::api::protocol::{
+    encode_line, ApiError, ErrorCode, Event, EventKind, Lifecycle, MemoryRegion, Reply, Request, ServerMessage,
+    Status, MAX_READ_BYTES,
+};
+use dvisor_vmm::api::EventHub;
+use dvisor_vmm::devices::virtio::stats::monotonic_ns;
+use serde::Deserialize;
+
+use crate::client::VmmClient;
+use crate::control::{ControlEnvelope, ControlRequest, MonitorStatus, VcpuRegs};
+use crate::error::MonitorError;
+use crate::guest_memory::GuestMemoryMap;
+
+/// Events kept for `dvisor events --recent N`.
+const RECENT_EVENTS: usize = 1000;
+/// How long to wait for a VMM that is still starting.
+const ATTACH_WAIT: Duration = Duration::from_secs(60);
+const ALL_KINDS: &[EventKind] = &[EventKind::Console, EventKind::Io, EventKind::Lifecycle, EventKind::Debug];
+
+pub struct Monitor {
+    vmm: VmmClient,
+    memory: RwLock<Option<GuestMemoryMap>>,
+    recent: Mutex<VecDeque<Event>>,
+    hub: EventHub,
+    events_seen: AtomicU64,
+    attached_ns: u64,
+}
+
+impl Monitor {
+    /// Connects to the VMM's support API (waiting for it to appear) and
+    /// maps guest memory.
+    pub fn attach(api: &Path) -> Result<Arc<Monitor>, MonitorError> {
+        let start = Instant::now();
+        let vmm = loop {
+            match VmmClient::connect(api, "dvisor-monitor") {
+                Ok(c) => break c,
+                Err(e @ MonitorError::Connect(..)) if start.elapsed() < ATTACH_WAIT => {
+                    tracing::debug!("waiting for the VMM: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let monitor = Arc::new(Monitor {
+            vmm,
+            memory: RwLock::new(None),
+            recent: Mutex::new(VecDeque::new()),
+            hub: EventHub::default(),
+            events_seen: AtomicU64::new(0),
+            attached_ns: monotonic_ns(),
+        });
+        monitor.remap()?;
+        Ok(monitor)
+    }
+
+    /// (Re)maps guest RAM: once at attach, again after every reboot.
+    fn remap(&self) -> Result<(), MonitorError> {
+        #[derive(Deserialize)]
+        struct MemoryReply {
+            size: u64,
+            regions: Vec<MemoryRegion>,
+            boot: u64,
+        }
+        let (value, fds) = match self.vmm.call_raw(Request::Memory) {
+            Ok(v) => v,
+            // Between boots there is no memory to map; the Boot event
+            // brings us back here.
+            Err(MonitorError::Api(e)) if e.code == ErrorCode::WrongState => {
+                *self.memory.write().unwrap_or_else(|p| p.into_inner()) = None;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let reply: MemoryReply =
+            serde_json::from_value(value).map_err(|e| MonitorError::Protocol(format!("memory reply: {e}")))?;
+        let fd = fds.into_iter().next().ok_or_else(|| MonitorError::Protocol("memory reply came without a memfd".into()))?;
+        let map = GuestMemoryMap::map(fd, reply.size, reply.regions, reply.boot)?;
+        tracing::info!(boot = reply.boot, size = reply.size, "guest memory mapped");
+        *self.memory.write().unwrap_or_else(|p| p.into_inner()) = Some(map);
+        Ok(())
+    }
+
+    pub fn vmm(&self) -> &VmmClient {
+        &self.vmm
+    }
+
+    /// Runs `f` on the current guest-memory mapping.
+    pub fn with_memory<T>(&self, f: impl FnOnce(&GuestMemoryMap) -> Result<T, MonitorError>) -> Result<T, MonitorError> {
+        let g = self.memory.read().unwrap_or_else(|p| p.into_inner());
+        match g.as_ref() {
+            Some(m) => f(m),
+            None => Err(MonitorError::Api(ApiError::new(ErrorCode::WrongState, "no guest memory mapped (the guest is rebooting)"))),
+        }
+    }
+
+    /// Serves `control` until the VMM goes away. Returns Ok when it does.
+    pub fn serve(self: &Arc<Self>, control: &Path) -> Result<(), MonitorError> {
+        let events = self.vmm.subscribe(ALL_KINDS)?;
+        let listener = bind_control(control)?;
+        let _cleanup = RemoveOnDrop(control.to_owned());
+        {
+            let me = self.clone();
+            std::thread::Builder::new()
+                .name("control-accept".into())
+                .spawn(move || {
+                    for conn in listener.incoming().flatten() {
+                        let me = me.clone();
+                        let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || me.serve_client(conn));
+                    }
+                })
+                .map_err(|e| MonitorError::Io("starting the control thread".into(), e))?;
+        }
+        // The event stream ends exactly when the VMM connection does.
+        for ev in events {
+            self.events_seen.fetch_add(1, Ordering::Relaxed);
+            if let Event::Lifecycle { what: Lifecycle::Boot, .. } = &ev {
+                if let Err(e) = self.remap() {
+                    tracing::warn!("remapping guest memory after a reboot: {e}");
+                }
+            }
+            {
+                let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+                if r.len() == RECENT_EVENTS {
+                    r.pop_front();
+                }
+                r.push_back(ev.clone());
+            }
+            self.hub.publish(ev);
+        }
+        tracing::info!("the VMM closed the support API; monitor exiting");
+        Ok(())
+    }
+
+    fn serve_client(&self, conn: UnixStream) {
+        let Ok(mut writer) = conn.try_clone() else { return };
+        let reader = BufReader::new(conn);
+        for line in reader.split(b'\n') {
+            let Ok(line) = line else { return };
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let env: ControlEnvelope = match serde_json::from_slice(&line) {
+                Ok(e) => e,
+                Err(e) => {
+                    let error = ApiError::new(ErrorCode::BadRequest, format!("bad request: {e}"));
+                    if writer.write_all(&encode_line(&ServerMessage::Err { id: None, error })).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let id = Some(env.id);
+            if let ControlRequest::Events { kinds, recent } = env.request {
+                return self.stream_events(writer, id, kinds, recent);
+            }
+            let msg = match self.handle(env.request) {
+                Ok(v) => serde_json::json!({ "id": id, "ok": v }),
+                Err(e) => serde_json::json!({ "id": id, "error": to_api_error(e) }),
+            };
+            if writer.write_all(&encode_line(&msg)).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn handle(&self, req: ControlRequest) -> Result<serde_json::Value, MonitorError> {
+        let v = match req {
+            ControlRequest::Status => {
+                let vm: Status = self.vmm.call(Request::Status)?;
+                serde_json::to_value(MonitorStatus {
+                    monitor_pid: std::process::id(),
+                    api_socket: self.vmm.path().display().to_string(),
+                    vm,
+                    events_seen: self.events_seen.load(Ordering::Relaxed),
+                    attached_ns: self.attached_ns,
+                })
+            }
+            ControlRequest::Pause => return self.vmm.call(Request::Pause),
+            ControlRequest::Resume => return self.vmm.call(Request::Resume),
+            ControlRequest::Regs { vcpu } => {
+                let vcpus = match vcpu {
+                    Some(v) => vec![v],
+                    None => {
+                        let s: Status = self.vmm.call(Request::Status)?;
+                        (0..s.vcpus).collect()
+                    }
+                };
+                let mut all = Vec::new();
+                for v in vcpus {
+                    let regs = self.vmm.call(Request::GetRegs { vcpu: v })?;
+                    let sregs = self.vmm.call(Request::GetSregs { vcpu: v })?;
+                    all.push(VcpuRegs { vcpu: v, regs, sregs });
+                }
+                serde_json::to_value(all)
+            }
+            ControlRequest::Keys { text, events, hold_ms, gap_ms } => {
+                return self.vmm.call(Request::Keys {
+                    text,
+                    events,
+                    hold_ms: hold_ms.unwrap_or(10),
+                    gap_ms: gap_ms.unwrap_or(10),
+                })
+            }
+            ControlRequest::Stats => return self.vmm.call(Request::Stats),
+            ControlRequest::ReadPhys { gpa, len } => {
+                if len > MAX_READ_BYTES {
+                    return Err(MonitorError::Api(ApiError::new(ErrorCode::TooLarge, format!("read_phys is limited to {MAX_READ_BYTES} bytes"))));
+                }
+                let mut buf = vec![0u8; len as usize];
+                self.with_memory(|m| m.read(gpa, &mut buf))?;
+                serde_json::to_value(Reply::Bytes { gpa, hex: buf.iter().map(|b| format!("{b:02x}")).collect() })
+            }
+            ControlRequest::Events { .. } => unreachable!("streamed by serve_client"),
+        };
+        v.map_err(|e| MonitorError::Protocol(e.to_string()))
+    }
+
+    fn stream_events(&self, mut w: UnixStream, id: Option<u64>, kinds: Vec<EventKind>, recent: usize) {
+        let kinds = if kinds.is_empty() { ALL_KINDS.to_vec() } else { kinds };
+        // Subscribe before copying the backlog so nothing falls between.
+        let sub = self.hub.subscribe(&kinds);
+        let backlog: Vec<Event> = {
+            let r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            let matching: Vec<_> = r.iter().filter(|e| e.kind().is_some_and(|k| kinds.contains(&k))).cloned().collect();
+            matching[matching.len().saturating_sub(recent)..].to_vec()
+        };
+        let ack = serde_json::json!({ "id": id, "ok": { "kinds": kinds } });
+        if w.write_all(&encode_line(&ack)).is_err() {
+            return;
+        }
+        for ev in backlog {
+            if w.write_all(&encode_line(&ServerMessage::Event { event: ev })).is_err() {
+                return;
+            }
+        }
+        for ev in sub.rx {
+            let lost = sub.lost.swap(0, Ordering::Relaxed);
+            if lost > 0 && w.write_all(&encode_line(&ServerMessage::Event { event: Event::Lost { count: lost } })).is_err() {
+                return;
+            }
+            if w.write_all(&encode_line(&ServerMessage::Event { event: (*ev).clone() })).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn to_api_error(e: MonitorError) -> ApiError {
+    match e {
+        MonitorError::Api(e) => e,
+        MonitorError::OutOfRange { .. } => ApiError::new(ErrorCode::OutOfRange, e.to_string()),
+        other => ApiError::new(ErrorCode::Failed, other.to_string()),
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Binds the control socket, replacing a stale one left by a killed
+/// monitor; refuses if a live monitor answers there.
+fn bind_control(path: &Path) -> Result<UnixListener, MonitorError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| MonitorError::Io(format!("creating {}", dir.display()), e))?;
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(MonitorError::Io(
+                format!("{} exists and is not a socket", path.display()),
+                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            ));
+        }
+        if let Ok(mut c) = crate::control::ControlClient::connect(path) {
+            let pid = c
+                .call::<MonitorStatus>(ControlRequest::Status)
+                .map(|s| s.monitor_pid.to_string())
+                .unwrap_or_else(|_| "unknown".into());
+            return Err(MonitorError::MonitorRunning(path.to_owned(), pid));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|e| MonitorError::Io(format!("binding {}", path.display()), e))
+}

@@ -1,0 +1,24 @@
+//! Errors of the monitor, each naming the thing and the fix.
+use std::path::PathBuf;
+
+use dvisor_vmm::api::protocol::ApiError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error("cannot connect to {0}: {1} (is the VM running? start it with `dvisor run`, or pass the right --attach/--vm)")]
+    Connect(PathBuf, std::io::Error),
+    #[error("the VMM at {0} closed the connection (the VM stopped?)")]
+    Disconnected(PathBuf),
+    #[error("the VMM refused: {0}")]
+    Api(ApiError),
+    #[error("support API protocol error: {0}")]
+    Protocol(String),
+    #[error("guest physical range {gpa:#x}+{len:#x} is not guest RAM")]
+    OutOfRange { gpa: u64, len: usize },
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("no monitor serves {0}: {1} (start the VM with `dvisor run`, or attach one with `dvisor monitor --attach API_SOCKET`)")]
+    NoMonitor(PathBuf, std::io::Error),
+    #[error("{0} is already served by a running monitor (pid {1})")]
+    MonitorRunning(PathBuf, String),
+}
