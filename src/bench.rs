@@ -14,6 +14,9 @@ use clap::{Args, Subcommand};
 pub enum BenchCmd {
     /// Boot time to the first heartbeat: D-Visor vs QEMU microvm.
     Boot(BootBenchArgs),
+    /// Support API: pause/resume round trip and guest-memory read
+    /// throughput, each beside its baseline.
+    Api(crate::bench_api::ApiBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -41,6 +44,7 @@ pub struct BootBenchArgs {
 pub fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
     match cmd {
         BenchCmd::Boot(args) => boot(args),
+        BenchCmd::Api(args) => crate::bench_api::api(args),
     }
 }
 

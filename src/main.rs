@@ -1,5 +1,6 @@
 //! The `dvisor` command line: parses arguments and calls the crates.
 mod bench;
+mod bench_api;
 mod images;
 mod monitor_cmd;
 mod ops;

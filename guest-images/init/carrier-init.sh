@@ -40,6 +40,9 @@ mount -o bind /dev /host/dev || die "bind /dev failed"
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts -o ptmxmode=0666,mode=0620 devpts /host/dev/pts
 mount -t tmpfs tmpfs /host/dev/shm
+# DVISOR_RUNTIME_DIR of every command (set in cmd.sh): UNIX sockets cannot
+# live on the 9p root, so they go to this carrier-local tmpfs.
+mkdir -p -m 0700 /host/dev/shm/dvisor
 [ -r "/host$cmd" ] || die "command script /host$cmd not visible through 9p"
 
 # ttyS1: stdin+stdout, ttyS2: stderr. Output is raw (bytes pass untouched).

@@ -95,11 +95,21 @@ pub fn add_modules<W: Write>(
     list_path: &str,
     rel_prefix: &str,
 ) -> Result<(), ImageError> {
-    let io = |e| ImageError::io("initrd.cpio", e);
-    let mut list = String::new();
+    add_module_files(cpio, release, modules)?;
+    add_module_list(cpio, modules, list_path, rel_prefix)
+}
+
+/// Adds the module objects under `lib/modules/<release>/` (no list).
+pub fn add_module_files<W: Write>(cpio: &mut CpioWriter<W>, release: &str, modules: &[Module]) -> Result<(), ImageError> {
     for m in modules {
-        cpio.file(&format!("lib/modules/{release}/{}", m.rel_path), 0o644, &m.data).map_err(io)?;
-        list.push_str(&format!("{} {rel_prefix}{}\n", m.name, m.rel_path));
+        cpio.file(&format!("lib/modules/{release}/{}", m.rel_path), 0o644, &m.data).map_err(|e| ImageError::io("initrd.cpio", e))?;
     }
-    cpio.file(list_path, 0o644, list.as_bytes()).map_err(io)
+    Ok(())
+}
+
+/// Adds a load-order list at `list_path`: one `name rel_prefix+rel_path`
+/// line per module, in the given order (dependencies first).
+pub fn add_module_list<W: Write>(cpio: &mut CpioWriter<W>, modules: &[Module], list_path: &str, rel_prefix: &str) -> Result<(), ImageError> {
+    let list: String = modules.iter().map(|m| format!("{} {rel_prefix}{}\n", m.name, m.rel_path)).collect();
+    cpio.file(list_path, 0o644, list.as_bytes()).map_err(|e| ImageError::io("initrd.cpio", e))
 }

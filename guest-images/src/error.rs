@@ -17,11 +17,11 @@ pub enum ImageError {
     #[error("`{command}` failed ({status}): {stderr}")]
     CommandFailed { command: String, status: String, stderr: String },
 
-    #[error("static link of the demo service failed; the static C library is needed: run `apt-get install libc6-dev` ({stderr})")]
-    StaticLinkFailed { stderr: String },
+    #[error("static link of the {program} failed; the static C library is needed: run `apt-get install libc6-dev` ({stderr})")]
+    StaticLinkFailed { program: &'static str, stderr: String },
 
-    #[error("compiling the demo service failed: {stderr}")]
-    CompileFailed { stderr: String },
+    #[error("compiling the {program} failed: {stderr}")]
+    CompileFailed { program: &'static str, stderr: String },
 
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },

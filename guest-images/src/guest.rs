@@ -1,6 +1,7 @@
 //! The default guest image: Debian cloud kernel (bzImage + extracted
-//! vmlinux), a busybox initramfs with /init and the demo service, the virtio
-//! modules later issues need, and an empty data disk.
+//! vmlinux), a busybox initramfs with /init, the demo service and the
+//! `evread` key reader, the virtio modules (loaded when the VMM describes a
+//! virtio-mmio device) and evdev (always loaded), and an empty data disk.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,8 @@ use crate::error::{ImageError, IoContext};
 use crate::{kernel_payload, modules, service};
 
 /// Bump when the image layout or build steps change: it is in the content key.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: evdev + dvisor-boot-modules, /usr/bin/evread, /sbin/load-modules.
+pub const FORMAT_VERSION: u32 = 2;
 pub const MANIFEST_FORMAT: &str = "dvisor-guest-image";
 pub const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// The kernel command line the VMM should use by default.
@@ -23,6 +25,12 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k quiet";
 pub const DISK_SIZE: u64 = 64 << 20;
 /// Shipped (not loaded at boot) for the virtio-mmio devices of later issues.
 pub const VIRTIO_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_net"];
+/// Loaded by /init on every boot (list `dvisor-boot-modules`): evdev gives
+/// the PS/2 keyboard its /dev/input/event0.
+pub const BOOT_MODULES: &[&str] = &["evdev"];
+/// Load-order lists under `/lib/modules/<release>/`.
+pub const VIRTIO_LIST: &str = "dvisor-load-order";
+pub const BOOT_LIST: &str = "dvisor-boot-modules";
 
 pub const INIT_SCRIPT: &str = include_str!("../init/guest-init.sh");
 pub const LOADER_SCRIPT: &str = include_str!("../init/load-virtio-modules.sh");
@@ -80,8 +88,12 @@ pub struct Manifest {
     /// Path of the demo service inside the guest.
     pub service_guest_path: String,
     pub default_cmdline: String,
-    /// Modules shipped under /lib/modules/<release>/, in load order.
+    /// Modules shipped under /lib/modules/<release>/: the virtio set in load
+    /// order, then the boot modules not already in it.
     pub modules: Vec<String>,
+    /// Modules /init loads on every boot, in load order (`dvisor-boot-modules`).
+    #[serde(default)]
+    pub boot_modules: Vec<String>,
     pub built_unix_time: u64,
 }
 
@@ -99,9 +111,12 @@ fn recipe_key() -> String {
         &FORMAT_VERSION.to_le_bytes(),
         service::SOURCE.as_bytes(),
         service::GCC_FLAGS.join(" ").as_bytes(),
+        service::EVREAD_SOURCE.as_bytes(),
+        service::EVREAD_GCC_FLAGS.join(" ").as_bytes(),
         INIT_SCRIPT.as_bytes(),
         LOADER_SCRIPT.as_bytes(),
         VIRTIO_MODULES.join(",").as_bytes(),
+        BOOT_MODULES.join(",").as_bytes(),
     ])
 }
 
@@ -147,11 +162,14 @@ pub fn build_guest_image(opts: &BuildOptions) -> Result<GuestImage, ImageError> 
     std::fs::write(out.join(F_VMLINUX), &vmlinux).at(out.join(F_VMLINUX))?;
     drop((image_bytes, vmlinux));
 
-    progress.step("compiling the demo service (gcc -static)");
+    progress.step("compiling the demo service and evread (gcc -static)");
     service::compile(&work, &out.join(F_SERVICE))?;
+    let evread_bin = work.join("evread");
+    service::compile_evread(&work, &evread_bin)?;
 
-    progress.step(format!("resolving modules {}", VIRTIO_MODULES.join(", ")));
+    progress.step(format!("resolving modules {}, {}", VIRTIO_MODULES.join(", "), BOOT_MODULES.join(", ")));
     let mods = modules::resolve(&pkgs.kernel.modules_dir, VIRTIO_MODULES)?;
+    let boot_mods = modules::resolve(&pkgs.kernel.modules_dir, BOOT_MODULES)?;
 
     progress.step("writing initrd.cpio");
     let initrd_path = out.join(F_INITRD);
@@ -160,11 +178,18 @@ pub fn build_guest_image(opts: &BuildOptions) -> Result<GuestImage, ImageError> 
     let io = |e| ImageError::io(&initrd_path, e);
     let banner = base::add_busybox(&mut w, &pkgs.busybox)?;
     w.file("init", 0o755, INIT_SCRIPT.as_bytes()).map_err(io)?;
-    w.file("sbin/load-virtio-modules", 0o755, LOADER_SCRIPT.as_bytes()).map_err(io)?;
+    w.file("sbin/load-modules", 0o755, LOADER_SCRIPT.as_bytes()).map_err(io)?;
+    w.symlink("sbin/load-virtio-modules", "load-modules").map_err(io)?;
     let svc = std::fs::read(out.join(F_SERVICE)).at(out.join(F_SERVICE))?;
     w.file(service::GUEST_PATH, 0o755, &svc).map_err(io)?;
+    let evread = std::fs::read(&evread_bin).at(&evread_bin)?;
+    w.file(service::EVREAD_GUEST_PATH, 0o755, &evread).map_err(io)?;
     let release = pkgs.kernel.release.clone();
-    base::add_modules(&mut w, &release, &mods, &format!("lib/modules/{release}/dvisor-load-order"), "")?;
+    base::add_modules(&mut w, &release, &mods, &format!("lib/modules/{release}/{VIRTIO_LIST}"), "")?;
+    // Each module file goes in once; both lists name theirs in load order.
+    let extra: Vec<modules::Module> = boot_mods.iter().filter(|b| !mods.iter().any(|m| m.name == b.name)).cloned().collect();
+    base::add_module_files(&mut w, &release, &extra)?;
+    base::add_module_list(&mut w, &boot_mods, &format!("lib/modules/{release}/{BOOT_LIST}"), "")?;
     w.finish().map_err(io)?;
     // Self-check: the archive parses back and has /init.
     let written = std::fs::read(&initrd_path).at(&initrd_path)?;
@@ -196,7 +221,8 @@ pub fn build_guest_image(opts: &BuildOptions) -> Result<GuestImage, ImageError> 
         files,
         service_guest_path: service::GUEST_PATH.into(),
         default_cmdline: DEFAULT_CMDLINE.into(),
-        modules: mods.iter().map(|m| m.name.clone()).collect(),
+        modules: mods.iter().chain(&extra).map(|m| m.name.clone()).collect(),
+        boot_modules: boot_mods.iter().map(|m| m.name.clone()).collect(),
         built_unix_time: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
     };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| ImageError::io(F_MANIFEST, std::io::Error::other(e)))?;
@@ -246,4 +272,30 @@ pub fn load(dir: &Path) -> Result<GuestImage, ImageError> {
         service_binary: file("service_binary")?,
         kernel_release: m.kernel_release,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lines the boot tests wait for, in boot order, and the new pieces
+    /// before the service starts.
+    #[test]
+    fn init_script_order() {
+        let pos = |needle: &str| INIT_SCRIPT.find(needle).unwrap_or_else(|| panic!("init lacks {needle:?}"));
+        let order = [
+            "dvisor-guest: init",
+            "dvisor-guest: cpus=",
+            "load-modules dvisor-boot-modules",
+            "/sbin/load-virtio-modules",
+            "dvisor.ip=*)",
+            "dvisor-guest: vt shell on tty1",
+            "dvisor-guest: service started pid=",
+            "dvisor-guest: shell\"",
+        ];
+        for w in order.windows(2) {
+            assert!(pos(w[0]) < pos(w[1]), "{:?} must come before {:?}", w[0], w[1]);
+        }
+        assert!(LOADER_SCRIPT.contains("dvisor-load-order") && INIT_SCRIPT.contains(BOOT_LIST));
+    }
 }

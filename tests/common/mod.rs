@@ -184,3 +184,44 @@ pub fn heartbeat(line: &str) -> Option<(u64, String)> {
     let n = it.next()?.parse().ok()?;
     Some((n, it.next().unwrap_or("").to_string()))
 }
+
+/// Tests that need several host processes around one VM (monitor, CLI,
+/// tap device) run whole inside the carrier when this host has no hardware
+/// KVM: the test binary re-runs itself there, filtered to `test_name`.
+/// Returns true when it did (the caller then returns: the inner run made
+/// the assertions).
+pub fn rerun_in_carrier(test_name: &str) -> bool {
+    if std::env::var_os("DVISOR_IN_CARRIER").is_some() || dvisor_images::carrier::host_has_hardware_kvm() {
+        return false;
+    }
+    ensure_image();
+    let exe = std::env::current_exe().expect("test executable");
+    let st = dvisor()
+        .args(["carrier", "--mem", "1536", "--"])
+        .arg(exe)
+        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+        .env("DVISOR_IN_CARRIER", "1")
+        .status()
+        .expect("run the test inside the carrier");
+    assert!(st.success(), "{test_name} failed inside the carrier ({st})");
+    true
+}
+
+/// Runs `dvisor ARGS` and returns (exit success, stdout, stderr).
+pub fn dvisor_out(args: &[&str]) -> (bool, String, String) {
+    let out = dvisor().args(args).output().expect("run dvisor");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `dvisor ARGS --json`, asserting success, and parses stdout.
+pub fn dvisor_json(args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (ok, out, err) = dvisor_out(&all);
+    assert!(ok, "dvisor {} failed:\n{err}", all.join(" "));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("dvisor {} printed non-JSON ({e}):\n{out}", all.join(" ")))
+}

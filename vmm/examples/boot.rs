@@ -17,6 +17,8 @@ fn main() {
         mem_mib: 256,
         on_reboot: OnReboot::Exit,
         disks: Vec::new(),
+        nets: Vec::new(),
+        api_socket: None,
     };
     match dvisor_vmm::run(&config, &|| Box::new(std::io::stdout())) {
         Ok(RunOutcome::PowerOff) => std::process::exit(0),

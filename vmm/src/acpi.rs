@@ -9,6 +9,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::acpi_pm::{ACPI_PM_PORT, RESET_OFFSET, RESET_VALUE, SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET};
 use crate::aml;
+use crate::devices::i8042::{I8042_LEN, I8042_PORT, KEYBOARD_GSI};
 use crate::devices::serial::{COM1_GSI, COM1_LEN, COM1_PORT};
 use crate::error::VmmError;
 use crate::layout;
@@ -94,7 +95,9 @@ fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
             ),
         ],
     );
-    let mut devices = vec![com1];
+    // The i8042 at 0x60 (data) and 0x64 (status/command), IRQ 1.
+    let ps2k = aml::ps2_keyboard(I8042_PORT, I8042_PORT + I8042_LEN - 1, KEYBOARD_GSI as u8);
+    let mut devices = vec![com1, ps2k];
     for (i, v) in virtio.iter().enumerate() {
         devices.push(aml::virtio_mmio_device(i as u8, v.base as u32, v.gsi));
     }
@@ -109,12 +112,14 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     const FADT_LEN: usize = 276;
     const HW_REDUCED_ACPI: u32 = 1 << 20;
     const RESET_REG_SUP: u32 = 1 << 10;
+    const IAPC_8042: u16 = 1 << 1;
     const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
     const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
     let mut t = Sdt::new(b"FACP", 6);
     t.bytes.resize(FADT_LEN, 0);
     t.write_at(40, &(dsdt_addr as u32).to_le_bytes());
-    t.write_at(109, &(IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).to_le_bytes());
+    // IAPC_8042: there is a keyboard controller (also named in the DSDT).
+    t.write_at(109, &(IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).to_le_bytes());
     t.write_at(112, &(HW_REDUCED_ACPI | RESET_REG_SUP).to_le_bytes());
     t.write_at(116, &gas_io_byte(ACPI_PM_PORT + RESET_OFFSET));
     t.write_at(128, &[RESET_VALUE]);
@@ -209,5 +214,14 @@ mod tests {
         let r = rsdp(0xe0100);
         assert!(sums_to_zero(&r[..20]));
         assert!(sums_to_zero(&r));
+    }
+
+    #[test]
+    fn keyboard_controller_is_announced() {
+        let d = dsdt(&[]);
+        let ps2k = aml::ps2_keyboard(0x60, 0x64, 1);
+        assert!(d.windows(ps2k.len()).any(|w| w == ps2k));
+        let f = fadt(0);
+        assert_ne!(u16::from_le_bytes([f[109], f[110]]) & (1 << 1), 0);
     }
 }

@@ -204,6 +204,25 @@ pub fn virtio_mmio_device(index: u8, base: u32, gsi: u32) -> Vec<u8> {
     )
 }
 
+/// The i8042 keyboard controller as QEMU describes it (PNP0303, "IBM
+/// Enhanced keyboard"): with a hardware-reduced FADT Linux's i8042 driver
+/// only probes a controller that firmware names, and takes its data and
+/// command ports (one byte each, as it insists) and IRQ from here. No PS/2
+/// mouse (PNP0F13) entry: Linux then assumes the AUX port is absent.
+pub fn ps2_keyboard(data_port: u16, command_port: u16, irq: u8) -> Vec<u8> {
+    device(
+        "PS2K",
+        &[
+            name("_HID", eisa_id("PNP0303")),
+            name("_STA", integer(0x0f)),
+            name(
+                "_CRS",
+                resource_template(&[io_port(data_port, 1), io_port(command_port, 1), isa_irq(irq)]),
+            ),
+        ],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,5 +260,24 @@ mod tests {
             0x79, 0x00,
         ];
         assert_eq!(virtio_mmio_device(1, 0xd000_0200, 6), expected);
+    }
+
+    #[test]
+    fn ps2_keyboard_matches_iasl() {
+        // The AML iasl (20200925) compiles from:
+        // Device (PS2K) { Name (_HID, EisaId ("PNP0303")) Name (_STA, 0x0F)
+        //   Name (_CRS, ResourceTemplate () { IO (Decode16, 0x0060, 0x0060, 0x01, 0x01)
+        //     IO (Decode16, 0x0064, 0x0064, 0x01, 0x01) IRQNoFlags () {1} }) }
+        let expected: &[u8] = &[
+            0x5b, 0x82, 0x34, b'P', b'S', b'2', b'K',
+            0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x03, 0x03,
+            0x08, b'_', b'S', b'T', b'A', 0x0a, 0x0f,
+            0x08, b'_', b'C', b'R', b'S', 0x11, 0x18, 0x0a, 0x15,
+            0x47, 0x01, 0x60, 0x00, 0x60, 0x00, 0x01, 0x01,
+            0x47, 0x01, 0x64, 0x00, 0x64, 0x00, 0x01, 0x01,
+            0x22, 0x02, 0x00,
+            0x79, 0x00,
+        ];
+        assert_eq!(ps2_keyboard(0x60, 0x64, 1), expected);
     }
 }

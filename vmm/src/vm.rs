@@ -149,13 +149,15 @@ struct BootContext<'a> {
     taps: &'a [Tap],
 }
 
+type NetDevice = Arc<Mutex<MmioTransport<Net<Tap>>>>;
+
 /// The virtio devices of one boot.
 struct VirtioDevices {
     bus: Arc<MmioBus>,
     slots: Vec<VirtioSlot>,
     handles: Vec<DeviceHandle>,
     /// Network devices with their tap fd, for the RX threads.
-    nets: Vec<(Arc<Mutex<MmioTransport<Net<Tap>>>>, i32)>,
+    nets: Vec<(NetDevice, i32)>,
 }
 
 /// Puts each disk, then each network interface, behind its own virtio-mmio
@@ -205,7 +207,7 @@ fn transport<D: VirtioDevice>(dev: D, ram: &GuestRam, irq: Box<EventFdIrq>) -> R
 /// Moves frames from the tap to the guest. Polls with a timeout so that
 /// it notices the boot ending.
 fn spawn_net_rx(
-    dev: Arc<Mutex<MmioTransport<Net<Tap>>>>,
+    dev: NetDevice,
     fd: i32,
     stop: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, VmmError> {

@@ -21,7 +21,9 @@ const MANIFEST_FORMAT: &str = "dvisor-carrier-image";
 pub const INIT_SCRIPT: &str = include_str!("../../init/carrier-init.sh");
 /// Roots of the module set; dependencies (irqbypass, kvm, ccp, 9pnet, netfs,
 /// fscache, virtio, virtio_ring, virtio_pci_*_dev) are added in load order.
-pub const MODULES: &[&str] = &["kvm_amd", "virtio_pci", "9pnet_virtio", "9p"];
+/// `tun` (/dev/net/tun) lets commands create tap devices for the guest's
+/// virtio-net; `veth` lets them wire network namespaces together.
+pub const MODULES: &[&str] = &["kvm_amd", "virtio_pci", "9pnet_virtio", "9p", "tun", "veth"];
 
 /// A built carrier image.
 #[derive(Debug, Clone, PartialEq, Eq)]

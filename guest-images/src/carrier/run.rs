@@ -29,6 +29,12 @@ use super::{carrier_image, CarrierError, CarrierOptions};
 /// Environment variables passed from the caller to the command.
 const ENV_NAMES: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "TERM", "LANG", "RUST_LOG", "RUST_BACKTRACE", "TMPDIR"];
 const ENV_PREFIXES: &[&str] = &["DVISOR_", "XDG_", "CARGO_"];
+/// `DVISOR_RUNTIME_DIR` of every command in the carrier, replacing the
+/// host's: UNIX sockets cannot be created on the 9p root, so runtime files
+/// go to this carrier-local tmpfs (the carrier init mounts it and creates
+/// the directory). Only `-e DVISOR_RUNTIME_DIR=...` overrides it.
+pub const RUNTIME_DIR: &str = "/dev/shm/dvisor";
+const RUNTIME_DIR_VAR: &str = "DVISOR_RUNTIME_DIR";
 
 /// Encodes a byte stream for a tty in canonical mode whose only active
 /// control characters are VEOF (^D) and VLNEXT (^V), as the carrier init
@@ -274,12 +280,20 @@ fn pump_out_stream(mut from_guest: UnixStream, mut out: impl Write) {
 }
 
 /// The caller's environment filtered to what makes sense in the carrier,
-/// plus `extra` and `DVISOR_IN_CARRIER=1`.
+/// plus `DVISOR_RUNTIME_DIR=/dev/shm/dvisor` (unless `extra` sets it),
+/// `extra` and `DVISOR_IN_CARRIER=1`.
 fn filtered_env(extra: &[(String, String)]) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = std::env::vars()
+    filter_env(std::env::vars(), extra)
+}
+
+fn filter_env(host: impl Iterator<Item = (String, String)>, extra: &[(String, String)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = host
         .filter(|(k, _)| ENV_NAMES.contains(&k.as_str()) || ENV_PREFIXES.iter().any(|p| k.starts_with(p)))
-        .filter(|(k, _)| k != "DVISOR_IN_CARRIER")
+        .filter(|(k, _)| k != "DVISOR_IN_CARRIER" && k != RUNTIME_DIR_VAR)
         .collect();
+    if !extra.iter().any(|(k, _)| k == RUNTIME_DIR_VAR) {
+        env.push((RUNTIME_DIR_VAR.into(), RUNTIME_DIR.into()));
+    }
     env.extend(extra.iter().cloned());
     env.push(("DVISOR_IN_CARRIER".into(), "1".into()));
     env
@@ -294,6 +308,8 @@ pub fn command_script(cwd: &Path, env: &[(String, String)], cmd: &[String]) -> S
             s.push_str(&format!("export {k}={}\n", shell_quote(v)));
         }
     }
+    // The carrier init creates the default runtime dir; this covers `-e`.
+    s.push_str(&format!("[ -z \"${{{RUNTIME_DIR_VAR}:-}}\" ] || mkdir -p \"${RUNTIME_DIR_VAR}\" 2>/dev/null || :\n"));
     let dir = shell_quote(&cwd.to_string_lossy());
     s.push_str(&format!("cd {dir} || {{ echo \"dvisor carrier: cannot cd to \"{dir} >&2; exit 125; }}\n"));
     let argv: Vec<String> = cmd.iter().map(|a| shell_quote(a)).collect();
@@ -403,6 +419,27 @@ mod tests {
         assert!(!s.contains("bad-name"));
         assert!(s.contains("cd '/work/it'\\''s' ||"));
         assert!(s.ends_with("exec 'sh' '-c' 'echo '\\''hi'\\'' $HOME'\n"));
+    }
+
+    #[test]
+    fn runtime_dir_is_carrier_local() {
+        let host = vec![
+            ("DVISOR_RUNTIME_DIR".to_string(), "/run/user/1000/dvisor".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+            ("SECRET".to_string(), "x".to_string()),
+        ];
+        let env = filter_env(host.clone().into_iter(), &[]);
+        let rt: Vec<_> = env.iter().filter(|(k, _)| k == "DVISOR_RUNTIME_DIR").collect();
+        assert_eq!(rt, [&("DVISOR_RUNTIME_DIR".to_string(), RUNTIME_DIR.to_string())]);
+        assert!(env.iter().all(|(k, _)| k != "SECRET"));
+        assert!(env.contains(&("DVISOR_IN_CARRIER".to_string(), "1".to_string())));
+        let extra = [("DVISOR_RUNTIME_DIR".to_string(), "/dev/shm/mine".to_string())];
+        let env = filter_env(host.into_iter(), &extra);
+        let rt: Vec<_> = env.iter().filter(|(k, _)| k == "DVISOR_RUNTIME_DIR").map(|(_, v)| v.as_str()).collect();
+        assert_eq!(rt, ["/dev/shm/mine"]);
+        let s = command_script(Path::new("/"), &env, &["true".into()]);
+        assert!(s.contains("export DVISOR_RUNTIME_DIR='/dev/shm/mine'\n"));
+        assert!(s.contains("mkdir -p \"$DVISOR_RUNTIME_DIR\""));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use super::protocol::{
 };
 
 macro_rules! copy_fields {
-    ($from:expr, $to:ident, $($f:ident),*) => { $to { $($f: $from.$f,)* ..Default::default() } };
+    ($from:expr, $to:ident, $($f:ident),*) => { $to { $($f: $from.$f,)* } };
 }
 
 pub fn regs_from_kvm(r: &kvm_regs) -> Regs {

@@ -311,7 +311,9 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-/// One line from the server.
+/// One line from the server. Built, encoded and dropped at once, so the
+/// size of the register variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ServerMessage {
@@ -436,6 +438,63 @@ mod tests {
             let line = encode_line(&m);
             let back: ServerMessage = serde_json::from_slice(&line).unwrap();
             assert_eq!(back, m);
+        }
+    }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Valid request lines to mutate.
+        const SEEDS: &[&str] = &[
+            r#"{"id":1,"op":"hello","version":1,"client":"x"}"#,
+            r#"{"id":2,"op":"get_regs","vcpu":0}"#,
+            r#"{"id":3,"op":"set_debug","vcpu":1,"single_step":true,"hw_breakpoints":[{"addr":4096,"kind":"write","len":4}]}"#,
+            r#"{"id":4,"op":"keys","events":[{"key":"a","press":true,"delay_ms":5}]}"#,
+            r#"{"id":5,"op":"read_memory","gpa":1048576,"len":4096}"#,
+            r#"{"id":6,"op":"set_msrs","vcpu":0,"msrs":[{"index":3221225600,"value":1}]}"#,
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = decode_request(&bytes);
+            }
+
+            #[test]
+            fn mutated_requests_decode_or_fail_cleanly(
+                seed in 0..SEEDS.len(),
+                edits in proptest::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..8),
+            ) {
+                let mut b = SEEDS[seed].as_bytes().to_vec();
+                for (pos, byte, how) in edits {
+                    let at = pos % (b.len() + 1);
+                    match how {
+                        0 if at < b.len() => b[at] = byte,
+                        1 => b.insert(at, byte),
+                        _ if at < b.len() => { b.remove(at); }
+                        _ => {}
+                    }
+                }
+                match decode_request(&b) {
+                    // Whatever decodes must encode and decode to itself.
+                    Ok(env) => {
+                        let line = encode_line(&env);
+                        prop_assert_eq!(decode_request(&line[..line.len() - 1]).ok(), Some(env));
+                    }
+                    Err((_, e)) => prop_assert!(!e.message.is_empty()),
+                }
+            }
+
+            #[test]
+            fn any_numbers_in_valid_shapes_decode(id in any::<u64>(), vcpu in any::<u32>(), gpa in any::<u64>(), len in any::<u64>()) {
+                let line = format!(r#"{{"id":{id},"op":"read_memory","gpa":{gpa},"len":{len}}}"#);
+                prop_assert_eq!(decode_request(line.as_bytes()).unwrap().request, Request::ReadMemory { gpa, len });
+                let line = format!(r#"{{"id":{id},"op":"nmi","vcpu":{vcpu}}}"#);
+                prop_assert_eq!(decode_request(line.as_bytes()).unwrap().id, id);
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ use super::convert;
 use super::events::EventHub;
 use super::protocol::*;
 use crate::devices::i8042::I8042;
-mod keymap { pub struct KeyEvent{pub code:u16,pub press:bool,pub delay_ms:u32} pub fn text_to_events(_:&str,_:u32,_:u32)->Result<Vec<KeyEvent>,String>{Ok(vec![])} pub fn key_by_name(_:&str)->Option<u16>{None} }
+use crate::devices::keymap;
 use crate::devices::virtio::stats::{monotonic_ns, StatsHandle};
 use crate::memory::GuestMemory;
 use crate::vcpu_control::VcpuControl;
@@ -552,7 +552,7 @@ fn type_keys(
             std::thread::sleep(Duration::from_millis(u64::from(ev.delay_ms)));
         }
         let mut kbd = b.keyboard.lock().map_err(|_| failed("keyboard", "lock poisoned"))?;
-        let _ = (&mut *kbd, ev.code, ev.press);
+        kbd.key(ev.code, ev.press).map_err(|e| ApiError::new(ErrorCode::WrongState, e.to_string()))?;
         delivered += 1;
     }
     Ok(Reply::Keys { delivered, elapsed_ms: start.elapsed().as_millis() as u64 })

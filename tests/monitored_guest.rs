@@ -1,0 +1,210 @@
+//! One monitored guest, checked the way an operator would use it: the
+//! network service answers from the host, pause stops the heartbeat and
+//! resume restarts it, registers and device counters are readable, keys
+//! typed on the PS/2 keyboard reach /dev/input and the VT shell, the
+//! monitor can be SIGKILLed and restarted without the guest noticing, and
+//! garbage on the support API gets error replies.
+//!
+//! Needs root and its own network namespace for the tap device; on this
+//! kind of host it runs inside the carrier (see common::rerun_in_carrier).
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{dvisor_json, dvisor_out, heartbeat, Console};
+
+const TAP: &str = "dvtap0";
+const HOST_IP: &str = "10.0.2.1/24";
+const GUEST_IP: &str = "10.0.2.15";
+
+fn sh(cmd: &str) {
+    let st = Command::new("sh").args(["-c", cmd]).status().expect("run sh");
+    assert!(st.success(), "`{cmd}` failed");
+}
+
+/// Heartbeat counters seen on the console from line `from` on.
+fn beats(c: &Console, from: usize) -> Vec<u64> {
+    c.lines()[from..].iter().filter_map(|l| heartbeat(l).map(|(n, _)| n)).collect()
+}
+
+fn wait_beat_after(c: &Console, from: usize, n: u64) -> usize {
+    c.wait_for(from, &format!("a heartbeat after {n}"), |l| heartbeat(l).is_some_and(|(k, _)| k > n))
+}
+
+#[test]
+fn monitored_guest() {
+    if common::rerun_in_carrier("monitored_guest") {
+        return;
+    }
+    // Our own network namespace: the tap and its address vanish with it.
+    // SAFETY: unshare affects only this thread (and what it spawns).
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET) needs root");
+    sh(&format!(
+        "ip link set lo up && ip tuntap add dev {TAP} mode tap && ip addr add {HOST_IP} dev {TAP} && ip link set {TAP} up"
+    ));
+    let name = format!("mg{}", std::process::id());
+    let vm = ["--vm", name.as_str()];
+    let cmdline = format!("console=ttyS0 quiet dvisor.ip={GUEST_IP}/24");
+    let mut c = Console::start(&[
+        "--vcpus", "2", "--name", &name, "--net", &format!("tap={TAP}"), "--cmdline", &cmdline,
+    ]);
+    let eth = c.wait_for(0, "eth0 configured", |l| l.contains("dvisor-guest: eth0"));
+    assert!(c.lines()[eth].contains(GUEST_IP), "{}", c.lines()[eth]);
+    let shell = c.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
+    c.wait_prompt(shell, "guest# ");
+
+    // --- the monitor came up with the VM
+    let status = wait_status(&vm);
+    assert_eq!(status["vm"]["vcpus"], 2);
+    let devices = status["vm"]["devices"].as_array().unwrap();
+    assert!(devices.iter().any(|d| d["name"] == "eth0" && d["kind"] == "virtio-net"), "{status}");
+
+    // --- the host fetches the service's answer over virtio-net
+    let answer = fetch(&format!("{GUEST_IP}:8080"));
+    assert!(answer.starts_with("counter=") && answer.contains("message=v1"), "service answered {answer:?}");
+    let stats = dvisor_json(&["stats", "--vm", &name]);
+    let eth0 = stats["devices"].as_array().unwrap().iter().find(|d| d["name"] == "eth0").unwrap().clone();
+    assert!(eth0["totals"]["rx_packets"].as_u64().unwrap() >= 3, "{eth0}");
+    assert!(eth0["totals"]["tx_packets"].as_u64().unwrap() >= 3, "{eth0}");
+
+    // --- pause: the heartbeat stops; resume: it goes on
+    let before = c.line_count();
+    let p = dvisor_json(&["pause", "--vm", &name]);
+    assert_eq!(p["already"], false);
+    let paused_at = c.line_count();
+    std::thread::sleep(Duration::from_secs(3));
+    let during = beats(&c, paused_at);
+    // A line the guest had already written before the pause may still be
+    // on its way through the console; nothing new may appear after that.
+    assert!(during.len() <= 1, "heartbeats while paused: {during:?}");
+    let regs = dvisor_json(&["regs", "--vm", &name]);
+    let regs = regs.as_array().unwrap();
+    assert_eq!(regs.len(), 2);
+    for r in regs {
+        assert!(r["regs"]["rip"].as_u64().unwrap() >= 0xffff_8000_0000_0000, "kernel rip expected: {r}");
+        assert_ne!(r["sregs"]["cr0"].as_u64().unwrap() & (1 << 31), 0, "paging on: {r}");
+    }
+    let last = beats(&c, before).into_iter().max().unwrap_or(0);
+    let r = dvisor_json(&["resume", "--vm", &name]);
+    assert_eq!(r["already"], false);
+    wait_beat_after(&c, paused_at, last);
+
+    // --- keys: a raw reader on /dev/input/event0, then the VT shell
+    let mark = c.line_count();
+    c.type_line("evread -n 2");
+    c.wait_for(mark, "evread ready", |l| l.contains("evread: ready"));
+    // Shift alone: evread sees it, the VT shell gets no stray character.
+    let k = dvisor_json(&["keys", "--vm", &name, "--raw", "leftshift:press leftshift:release:30"]);
+    assert_eq!(k["delivered"], 2);
+    let press = c.wait_for(mark, "the key press", |l| l.contains("evread: key 42"));
+    assert!(c.lines()[press].contains("press"), "{}", c.lines()[press]);
+    let release = c.wait_for(press + 1, "the key release", |l| l.contains("evread: key 42") && l.contains("release"));
+    // evread exits after two events; its shell prompts again.
+    c.wait_prompt(release, "guest# ");
+    let mark = c.line_count();
+    dvisor_json(&["keys", "--vm", &name, r"echo KEYS-$((6*7))\n"]);
+    c.wait_for(mark, "the VT shell's answer to typed keys", |l| l.contains("KEYS-42"));
+
+    // --- SIGKILL the monitor: the guest beats on; a new one re-attaches
+    let old_pid = wait_status(&vm)["monitor_pid"].as_u64().unwrap();
+    let mark = c.line_count();
+    let from_beat = beats(&c, 0).into_iter().max().unwrap_or(0);
+    sh(&format!("kill -KILL {old_pid}"));
+    let (ok, _, err) = dvisor_out(&["status", "--vm", &name]);
+    assert!(!ok && err.contains("no monitor serves"), "status without a monitor: {err}");
+    let gone = wait_beat_after(&c, mark, from_beat + 5);
+    let mut monitor = common::dvisor()
+        .args(["monitor", "--vm", &name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a new monitor");
+    let new_status = wait_status(&vm);
+    assert_ne!(new_status["monitor_pid"].as_u64().unwrap(), old_pid);
+    let after = wait_beat_after(&c, gone, from_beat + 10);
+    let seq: Vec<u64> = beats(&c, mark).into_iter().filter(|&n| n > from_beat).collect();
+    assert!(seq.windows(2).all(|w| w[1] == w[0] + 1), "heartbeat skipped during the monitor restart: {seq:?}");
+    assert!(after > gone);
+
+    // --- garbage on the support API: error replies, guest unharmed
+    let status = dvisor_json(&["status", "--vm", &name]);
+    garbage_gets_errors(status["api_socket"].as_str().unwrap());
+    let mark = c.line_count();
+    let now = beats(&c, 0).into_iter().max().unwrap_or(0);
+    wait_beat_after(&c, mark, now + 3);
+
+    c.type_line("poweroff -f");
+    let st = c.wait_exit();
+    assert!(st.success(), "stderr:\n{}", c.stderr());
+    // The monitor leaves with the VMM.
+    let deadline = Instant::now() + common::STEP_TIMEOUT;
+    while monitor.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "monitor outlived the VMM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `dvisor status --json`, retried while the monitor is still attaching.
+fn wait_status(vm: &[&str]) -> serde_json::Value {
+    let deadline = Instant::now() + common::STEP_TIMEOUT;
+    loop {
+        let mut args = vec!["status"];
+        args.extend_from_slice(vm);
+        args.push("--json");
+        let (ok, out, err) = dvisor_out(&args);
+        if ok {
+            return serde_json::from_str(&out).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no monitor answered: {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn fetch(addr: &str) -> String {
+    let mut s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let _ = s.write_all(b"GET\n");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// Sends malformed, oversized and out-of-range requests straight to the
+/// VMM's socket; each must get an error reply with the right code.
+fn garbage_gets_errors(api: &str) {
+    let s = UnixStream::connect(api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut ask = |line: &[u8]| -> serde_json::Value {
+        w.write_all(line).unwrap();
+        w.write_all(b"\n").unwrap();
+        let mut reply = String::new();
+        r.read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?} is not JSON: {e}"))
+    };
+    let code = |v: &serde_json::Value| v["error"]["code"].as_str().unwrap_or("").to_string();
+    assert_eq!(code(&ask(br#"{"id":1,"op":"pause"}"#)), "wrong_state", "requests before hello");
+    assert_eq!(code(&ask(br#"{"id":2,"op":"hello","version":99,"client":"t"}"#)), "version_mismatch");
+    assert!(ask(br#"{"id":3,"op":"hello","version":1,"client":"garbage-test"}"#)["ok"].is_object());
+    assert_eq!(code(&ask(b"\xff\xfe\x00garbage")), "bad_request");
+    assert_eq!(code(&ask(b"{\"id\":4,")), "bad_request");
+    assert_eq!(code(&ask(br#"{"id":5,"op":"format_disk"}"#)), "bad_request");
+    let huge = format!("{{\"id\":6,\"op\":\"status\",\"pad\":\"{}\"}}", "x".repeat(200_000));
+    assert_eq!(code(&ask(huge.as_bytes())), "too_large");
+    let bad_vcpu = ask(br#"{"id":7,"op":"get_regs","vcpu":99}"#);
+    assert_eq!((code(&bad_vcpu), bad_vcpu["id"].as_u64()), ("out_of_range".into(), Some(7)));
+    assert_eq!(code(&ask(br#"{"id":8,"op":"irq","gsi":4000}"#)), "out_of_range");
+    assert_eq!(code(&ask(br#"{"id":9,"op":"read_memory","gpa":18446744073709551000,"len":4096}"#)), "out_of_range");
+    assert_eq!(code(&ask(br#"{"id":10,"op":"read_memory","gpa":0,"len":99999999}"#)), "too_large");
+    assert_eq!(code(&ask(br#"{"id":11,"op":"set_regs","vcpu":0,"regs":{}}"#)), "bad_request");
+    assert_eq!(code(&ask(br#"{"id":12,"op":"keys","text":"caf\u00e9"}"#)), "bad_request");
+    let st = ask(br#"{"id":13,"op":"status"}"#);
+    assert_eq!(st["ok"]["state"], "running", "{st}");
+}
