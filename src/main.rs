@@ -6,6 +6,7 @@ mod monitor_cmd;
 mod ops;
 mod policy;
 mod run;
+mod vmi_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -48,6 +49,16 @@ enum Cmd {
     Events(ops::EventsArgs),
     /// Show the VM's and its monitor's state.
     Status(ops::SimpleArgs),
+    /// List the guest's processes from outside (VMI).
+    Ps(vmi_cmd::PsArgs),
+    /// Show a guest process's memory map (VMI).
+    Maps(vmi_cmd::MapsArgs),
+    /// Read or write a guest process's virtual memory.
+    Mem(vmi_cmd::MemArgs),
+    /// Read or write guest kernel virtual memory.
+    Kmem(vmi_cmd::KmemArgs),
+    /// Look up a guest kernel symbol, or the symbol at an address.
+    Ksym(vmi_cmd::KsymArgs),
 }
 
 fn main() {
@@ -70,6 +81,11 @@ fn main() {
         Cmd::Stats(a) => ops::stats(a),
         Cmd::Events(a) => ops::events(a),
         Cmd::Status(a) => ops::status(a),
+        Cmd::Ps(a) => vmi_cmd::ps(a),
+        Cmd::Maps(a) => vmi_cmd::maps(a),
+        Cmd::Mem(a) => vmi_cmd::mem(a),
+        Cmd::Kmem(a) => vmi_cmd::kmem(a),
+        Cmd::Ksym(a) => vmi_cmd::ksym(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -18,6 +18,10 @@ pub struct MonitorArgs {
     /// The control socket to serve [default: monitor.sock beside the API socket].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// The uncompressed kernel (vmlinux) the VM runs, for introspection
+    /// [default: `vmlinux` beside the VM's kernel image].
+    #[arg(long, value_name = "PATH")]
+    pub vmlinux: Option<PathBuf>,
     /// VM name, used for the default socket paths.
     #[arg(long, value_name = "NAME", default_value = paths::DEFAULT_VM_NAME)]
     pub vm: String,
@@ -30,7 +34,7 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<i32> {
         Some(dir) => dir.join("monitor.sock"),
         None => paths::control_socket(&args.vm),
     });
-    let monitor = Monitor::attach(&api)?;
+    let monitor = Monitor::attach(&api, args.vmlinux)?;
     eprintln!(
         "dvisor monitor: attached to {} (pid {}); control socket {}",
         api.display(),

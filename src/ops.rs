@@ -23,7 +23,7 @@ pub struct Target {
 }
 
 impl Target {
-    fn connect(&self) -> anyhow::Result<ControlClient> {
+    pub fn connect(&self) -> anyhow::Result<ControlClient> {
         paths::check_vm_name(&self.vm).map_err(anyhow::Error::msg)?;
         let path = self.control.clone().unwrap_or_else(|| paths::control_socket(&self.vm));
         Ok(ControlClient::connect(&path)?)

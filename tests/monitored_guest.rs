@@ -16,6 +16,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{dvisor_json, dvisor_out, heartbeat, Console};
+use dvisor_monitor::VmmClient;
+use dvisor_vmm::api::protocol::{DebugReason, Event, EventKind, Request};
 
 const TAP: &str = "dvtap0";
 const HOST_IP: &str = "10.0.2.1/24";
@@ -133,7 +135,11 @@ fn monitored_guest() {
 
     // --- garbage on the support API: error replies, guest unharmed
     let status = dvisor_json(&["status", "--vm", &name]);
-    garbage_gets_errors(status["api_socket"].as_str().unwrap());
+    let api = status["api_socket"].as_str().unwrap().to_string();
+    garbage_gets_errors(&api);
+
+    // --- guest debug: a single step stops the VM and is reported
+    guest_debug(&api);
     let mark = c.line_count();
     let now = beats(&c, 0).into_iter().max().unwrap_or(0);
     wait_beat_after(&c, mark, now + 3);
@@ -147,6 +153,40 @@ fn monitored_guest() {
         assert!(Instant::now() < deadline, "monitor outlived the VMM");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn next_debug_event(rx: &std::sync::mpsc::Receiver<Event>) -> (u32, DebugReason, u64) {
+    let deadline = Instant::now() + common::STEP_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Event::Debug { vcpu, reason, rip, .. }) => return (vcpu, reason, rip),
+            Ok(_) => {}
+            Err(e) => panic!("no debug event: {e}"),
+        }
+    }
+}
+
+fn guest_debug(api: &str) {
+    let client = VmmClient::connect(std::path::Path::new(api), "debug-test").expect("connect to the API");
+    let events = client.subscribe(&[EventKind::Debug]).unwrap();
+    let state = |c: &VmmClient| c.call::<serde_json::Value>(Request::Status).unwrap()["state"].clone();
+
+    let _: serde_json::Value = client.call(Request::Pause).unwrap();
+    let step = Request::SetDebug { vcpu: Some(0), single_step: true, sw_breakpoints: false, hw_breakpoints: vec![] };
+    let _: serde_json::Value = client.call(step).unwrap();
+    let _: serde_json::Value = client.call(Request::Resume).unwrap();
+    let (vcpu, reason, _) = next_debug_event(&events);
+    assert_eq!((vcpu, reason), (0, DebugReason::SingleStep));
+    let p: serde_json::Value = client.call(Request::Pause).unwrap();
+    assert_eq!(p["already"], true, "a debug exit pauses the VM");
+    // Hardware breakpoints are not checked here: inside the carrier (KVM
+    // nested on QEMU-TCG's emulated SVM) they never fire; see
+    // docs/support-api.md.
+    let off = Request::SetDebug { vcpu: None, single_step: false, sw_breakpoints: false, hw_breakpoints: vec![] };
+    let _: serde_json::Value = client.call(off).unwrap();
+    let _: serde_json::Value = client.call(Request::Resume).unwrap();
+    assert_eq!(state(&client), "running");
 }
 
 /// `dvisor status --json`, retried while the monitor is still attaching.

@@ -51,6 +51,39 @@ pub enum ControlRequest {
     },
     /// Guest-physical memory through the monitor's shared mapping (hex).
     ReadPhys { gpa: u64, len: u64 },
+    /// The guest's processes (VMI).
+    Ps {
+        #[serde(default)]
+        consistent: bool,
+    },
+    /// A process's memory map (VMI).
+    Maps {
+        pid: u32,
+        #[serde(default)]
+        consistent: bool,
+    },
+    /// Reads (or with `write`, hex bytes, writes) a process's virtual memory.
+    Mem {
+        pid: u32,
+        addr: u64,
+        #[serde(default)]
+        len: u64,
+        #[serde(default)]
+        write: Option<String>,
+        #[serde(default)]
+        consistent: bool,
+    },
+    /// The same for kernel virtual memory; `target` is a symbol or address.
+    Kmem {
+        target: String,
+        #[serde(default)]
+        len: u64,
+        #[serde(default)]
+        write: Option<String>,
+    },
+    /// Kernel symbol lookup: a name gives its runtime address, an address
+    /// gives symbol+offset.
+    Ksym { query: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

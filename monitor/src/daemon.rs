@@ -37,12 +37,13 @@ pub struct Monitor {
     hub: EventHub,
     events_seen: AtomicU64,
     attached_ns: u64,
+    pub(crate) vmi: crate::introspect::VmiState,
 }
 
 impl Monitor {
     /// Connects to the VMM's support API (waiting for it to appear) and
     /// maps guest memory.
-    pub fn attach(api: &Path) -> Result<Arc<Monitor>, MonitorError> {
+    pub fn attach(api: &Path, vmlinux: Option<PathBuf>) -> Result<Arc<Monitor>, MonitorError> {
         let start = Instant::now();
         let vmm = loop {
             match VmmClient::connect(api, "dvisor-monitor") {
@@ -61,6 +62,7 @@ impl Monitor {
             hub: EventHub::default(),
             events_seen: AtomicU64::new(0),
             attached_ns: monotonic_ns(),
+            vmi: crate::introspect::VmiState::new(vmlinux),
         });
         monitor.remap()?;
         Ok(monitor)
@@ -127,6 +129,7 @@ impl Monitor {
         for ev in events {
             self.events_seen.fetch_add(1, Ordering::Relaxed);
             if let Event::Lifecycle { what: Lifecycle::Boot, .. } = &ev {
+                self.forget_kernel_view();
                 if let Err(e) = self.remap() {
                     tracing::warn!("remapping guest memory after a reboot: {e}");
                 }
@@ -221,8 +224,45 @@ impl Monitor {
                 }
                 let mut buf = vec![0u8; len as usize];
                 self.with_memory(|m| m.read(gpa, &mut buf))?;
-                serde_json::to_value(Reply::Bytes { gpa, hex: buf.iter().map(|b| format!("{b:02x}")).collect() })
+                serde_json::to_value(Reply::Bytes { gpa, hex: hex(&buf) })
             }
+            ControlRequest::Ps { consistent } => serde_json::to_value(self.with_vmi(consistent, |v| v.processes())?),
+            ControlRequest::Maps { pid, consistent } => {
+                serde_json::to_value(self.with_vmi(consistent, |v| v.memory_map(pid))?)
+            }
+            ControlRequest::Mem { pid, addr, len, write, consistent } => {
+                let data = write.as_deref().map(unhex).transpose()?;
+                check_len(data.as_ref().map_or(len, |d| d.len() as u64))?;
+                let bytes = self.with_vmi(consistent, |v| {
+                    let p = v.process_by_pid(pid)?;
+                    if p.mm == 0 {
+                        return Err(crate::vmi::VmiError::KernelThread(pid));
+                    }
+                    let pgd = v.mm_pgd(p.mm)?;
+                    match &data {
+                        Some(d) => v.write_user(pgd, addr, d).map(|_| d.clone()),
+                        None => {
+                            let mut buf = vec![0u8; len as usize];
+                            v.read_user(pgd, addr, &mut buf).map(|_| buf)
+                        }
+                    }
+                })?;
+                serde_json::to_value(Reply::Bytes { gpa: addr, hex: hex(&bytes) })
+            }
+            ControlRequest::Kmem { target, len, write } => {
+                let addr = self.kernel_address(&target)?;
+                let data = write.as_deref().map(unhex).transpose()?;
+                check_len(data.as_ref().map_or(len, |d| d.len() as u64))?;
+                let bytes = self.with_vmi(false, |v| match &data {
+                    Some(d) => v.write_kernel(addr, d).map(|_| d.clone()),
+                    None => {
+                        let mut buf = vec![0u8; len as usize];
+                        v.read_kernel(addr, &mut buf).map(|_| buf)
+                    }
+                })?;
+                serde_json::to_value(Reply::Bytes { gpa: addr, hex: hex(&bytes) })
+            }
+            ControlRequest::Ksym { query } => serde_json::to_value(self.ksym(&query)?),
             ControlRequest::Events { .. } => unreachable!("streamed by serve_client"),
         };
         v.map_err(|e| MonitorError::Protocol(e.to_string()))
@@ -258,10 +298,32 @@ impl Monitor {
     }
 }
 
+fn hex(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>, MonitorError> {
+    let bad = || MonitorError::Api(ApiError::new(ErrorCode::BadRequest, format!("{s:?} is not an even number of hex digits")));
+    if !s.len().is_multiple_of(2) {
+        return Err(bad());
+    }
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or_else(bad)).collect()
+}
+
+fn check_len(len: u64) -> Result<(), MonitorError> {
+    if len == 0 || len > crate::introspect::MAX_ACCESS {
+        return Err(MonitorError::Api(ApiError::new(
+            ErrorCode::OutOfRange,
+            format!("length {len}: use 1 to {} bytes", crate::introspect::MAX_ACCESS),
+        )));
+    }
+    Ok(())
+}
+
 fn to_api_error(e: MonitorError) -> ApiError {
     match e {
         MonitorError::Api(e) => e,
-        MonitorError::OutOfRange { .. } => ApiError::new(ErrorCode::OutOfRange, e.to_string()),
+        MonitorError::OutOfRange { .. } | MonitorError::Vmi(_) => ApiError::new(ErrorCode::OutOfRange, e.to_string()),
         other => ApiError::new(ErrorCode::Failed, other.to_string()),
     }
 }

@@ -19,6 +19,8 @@ pub enum MonitorError {
     Io(String, std::io::Error),
     #[error("no monitor serves {0}: {1} (start the VM with `dvisor run`, or attach one with `dvisor monitor --attach API_SOCKET`)")]
     NoMonitor(PathBuf, std::io::Error),
+    #[error("introspection: {0}")]
+    Vmi(String),
     #[error("{0} is already served by a running monitor (pid {1})")]
     MonitorRunning(PathBuf, String),
 }

@@ -6,7 +6,11 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod guest_memory;
+pub mod introspect;
+pub mod paging;
 pub mod paths;
+pub mod profile;
+pub mod vmi;
 
 pub use client::VmmClient;
 pub use control::{ControlClient, ControlRequest};

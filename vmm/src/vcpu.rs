@@ -57,6 +57,7 @@ impl VcpuRunner {
             DB_VECTOR if d.dr6 & DR6_BS != 0 => DebugReason::SingleStep,
             _ => DebugReason::HwBreakpoint,
         };
+        tracing::debug!(vcpu = self.id, ?reason, rip = d.pc, "debug exit");
         self.control.request_pause();
         self.hub.publish(Event::Debug { t_ns: monotonic_ns(), vcpu: self.id, reason, rip: d.pc, dr6: d.dr6 });
     }

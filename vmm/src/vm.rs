@@ -325,6 +325,7 @@ impl Boot {
             mem_bytes: ram.size,
             keyboard: i8042,
             devices: virtio.handles,
+            kernel: std::path::absolute(&config.kernel).unwrap_or_else(|_| config.kernel.clone()),
         });
         let mut boot = Boot {
             handles,

@@ -100,6 +100,11 @@ pub fn guest_debug(single_step: bool, sw: bool, hw: &[HwBreakpoint]) -> Result<k
         dr7 |= 1 << (i * 2);
         dr7 |= (rw | (len << 2)) << (16 + i * 4);
     }
+    if dr7 != 0 {
+        // Bit 10 is reserved and reads as 1; GE (bit 9) as QEMU's gdbstub
+        // sets it for exact breakpoints.
+        dr7 |= 0x600;
+    }
     dbg.arch.debugreg[7] = dr7;
     if single_step {
         dbg.control |= KVM_GUESTDBG_SINGLESTEP;
@@ -130,7 +135,7 @@ mod tests {
         assert_eq!(d.arch.debugreg[0], 0x1000);
         assert_eq!(d.arch.debugreg[1], 0x2000);
         // L0, L1; DR1: RW=01, LEN=10 at bits 20..24.
-        assert_eq!(d.arch.debugreg[7], 0b0101 | (0b1001 << 20));
+        assert_eq!(d.arch.debugreg[7], 0x600 | 0b0101 | (0b1001 << 20));
         assert_eq!(d.control, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP);
         assert_eq!(guest_debug(false, false, &[]).unwrap().control, 0);
         assert!(guest_debug(false, false, &[bps[1]; 5]).is_err());

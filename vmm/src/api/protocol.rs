@@ -267,6 +267,10 @@ pub struct Status {
     /// Counts boots of this VMM process: a reboot means a new memfd.
     pub boot: u64,
     pub devices: Vec<DeviceInfo>,
+    /// The kernel image the VM booted (a monitor finds its profile
+    /// beside it).
+    #[serde(default)]
+    pub kernel: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

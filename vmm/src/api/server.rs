@@ -48,6 +48,7 @@ pub struct BootHandles {
     pub mem_bytes: u64,
     pub keyboard: Arc<Mutex<I8042>>,
     pub devices: Vec<DeviceHandle>,
+    pub kernel: PathBuf,
 }
 
 /// The boot the API talks to; `None` between boots.
@@ -499,6 +500,7 @@ fn status(b: &BootHandles) -> Status {
         mem_bytes: b.mem_bytes,
         boot: b.boot,
         devices: b.devices.iter().map(|d| d.info.clone()).collect(),
+        kernel: b.kernel.display().to_string(),
     }
 }
 

@@ -1,0 +1,155 @@
+//! Introspection commands through the VM's monitor: ps, maps, mem, kmem,
+//! ksym.
+use clap::Args;
+use dvisor_monitor::introspect::{parse_addr, SymbolAnswer};
+use dvisor_monitor::vmi::{Process, Vma};
+use dvisor_monitor::ControlRequest;
+use serde::Deserialize;
+
+use crate::ops::Target;
+
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Pause the VM around the walk, so the list is one moment's.
+    #[arg(long)]
+    pub consistent: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Args)]
+pub struct MapsArgs {
+    pub pid: u32,
+    /// Pause the VM around the walk.
+    #[arg(long)]
+    pub consistent: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "ADDR is hex with 0x, or decimal. Prints a hex dump; --write HEX writes those bytes instead.")]
+pub struct MemArgs {
+    pub pid: u32,
+    #[arg(value_parser = addr)]
+    pub addr: u64,
+    /// Bytes to read (up to 1 MiB).
+    #[arg(default_value_t = 64)]
+    pub len: u64,
+    /// Write these bytes (hex) instead of reading.
+    #[arg(long, value_name = "HEX")]
+    pub write: Option<String>,
+    /// Pause the VM around the access.
+    #[arg(long)]
+    pub consistent: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "TARGET is a kernel symbol (init_task) or an address (0xffffffff81000000).")]
+pub struct KmemArgs {
+    pub target: String,
+    #[arg(default_value_t = 64)]
+    pub len: u64,
+    /// Write these bytes (hex) instead of reading.
+    #[arg(long, value_name = "HEX")]
+    pub write: Option<String>,
+    #[command(flatten)]
+    pub target_vm: Target,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "A name prints its runtime address (KASLR slide applied); an address prints symbol+offset.")]
+pub struct KsymArgs {
+    pub query: String,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+fn addr(s: &str) -> Result<u64, String> {
+    parse_addr(s).ok_or_else(|| format!("{s:?} is not an address: write hex with 0x, or decimal"))
+}
+
+#[derive(Deserialize, serde::Serialize)]
+struct Bytes {
+    gpa: u64,
+    hex: String,
+}
+
+pub fn ps(a: PsArgs) -> anyhow::Result<i32> {
+    let procs: Vec<Process> = a.target.connect()?.call(ControlRequest::Ps { consistent: a.consistent })?;
+    if a.target.json {
+        println!("{}", serde_json::to_string_pretty(&procs)?);
+        return Ok(0);
+    }
+    println!("{:>6} {:>6} {:>5} S {:>4} {:>8}  {:<16} CMD", "PID", "PPID", "UID", "THR", "RSS(KiB)", "COMM");
+    for p in procs {
+        let cmd = if p.kernel_thread { format!("[{}]", p.comm) } else { p.cmdline.clone() };
+        println!(
+            "{:>6} {:>6} {:>5} {} {:>4} {:>8}  {:<16} {}",
+            p.pid, p.ppid, p.uid, p.state.0, p.threads, p.rss_kib, p.comm, cmd
+        );
+    }
+    Ok(0)
+}
+
+pub fn maps(a: MapsArgs) -> anyhow::Result<i32> {
+    let vmas: Vec<Vma> = a.target.connect()?.call(ControlRequest::Maps { pid: a.pid, consistent: a.consistent })?;
+    if a.target.json {
+        println!("{}", serde_json::to_string_pretty(&vmas)?);
+        return Ok(0);
+    }
+    for v in vmas {
+        println!("{:08x}-{:08x} {} {:08x} {}", v.start, v.end, v.perms, v.offset, v.name);
+    }
+    Ok(0)
+}
+
+fn print_bytes(b: &Bytes, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(b)?);
+        return Ok(());
+    }
+    let data: Vec<u8> = (0..b.hex.len() / 2).filter_map(|i| u8::from_str_radix(&b.hex[2 * i..2 * i + 2], 16).ok()).collect();
+    for (i, row) in data.chunks(16).enumerate() {
+        let hex: Vec<String> = row.iter().map(|x| format!("{x:02x}")).collect();
+        let text: String = row.iter().map(|&c| if (0x20..0x7f).contains(&c) { c as char } else { '.' }).collect();
+        println!("{:016x}  {:<47}  {}", b.gpa + 16 * i as u64, hex.join(" "), text);
+    }
+    Ok(())
+}
+
+pub fn mem(a: MemArgs) -> anyhow::Result<i32> {
+    let req = ControlRequest::Mem { pid: a.pid, addr: a.addr, len: a.len, write: a.write.clone(), consistent: a.consistent };
+    let b: Bytes = a.target.connect()?.call(req)?;
+    if a.write.is_some() && !a.target.json {
+        println!("wrote {} bytes at {:#x} in pid {}", b.hex.len() / 2, a.addr, a.pid);
+        return Ok(0);
+    }
+    print_bytes(&b, a.target.json)?;
+    Ok(0)
+}
+
+pub fn kmem(a: KmemArgs) -> anyhow::Result<i32> {
+    let req = ControlRequest::Kmem { target: a.target.clone(), len: a.len, write: a.write.clone() };
+    let b: Bytes = a.target_vm.connect()?.call(req)?;
+    if a.write.is_some() && !a.target_vm.json {
+        println!("wrote {} bytes at {:#x}", b.hex.len() / 2, b.gpa);
+        return Ok(0);
+    }
+    print_bytes(&b, a.target_vm.json)?;
+    Ok(0)
+}
+
+pub fn ksym(a: KsymArgs) -> anyhow::Result<i32> {
+    let s: SymbolAnswer = a.target.connect()?.call(ControlRequest::Ksym { query: a.query.clone() })?;
+    if a.target.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else if s.offset == 0 {
+        println!("{:016x} {} {}", s.addr, s.kind.unwrap_or('?'), s.name);
+    } else {
+        println!("{:016x} {}+{:#x}", s.addr, s.name, s.offset);
+    }
+    Ok(0)
+}
