@@ -17,6 +17,9 @@ pub enum BenchCmd {
     /// Support API: pause/resume round trip and guest-memory read
     /// throughput, each beside its baseline.
     Api(crate::bench_api::ApiBenchArgs),
+    /// VMI: process-list walk vs the guest's own ps, and page-table
+    /// translations per second with and without the cache.
+    Vmi(crate::bench_vmi::VmiBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -45,36 +48,42 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
     match cmd {
         BenchCmd::Boot(args) => boot(args),
         BenchCmd::Api(args) => crate::bench_api::api(args),
+        BenchCmd::Vmi(args) => crate::bench_vmi::vmi(args),
     }
+}
+
+/// Without hardware KVM (and not already in the carrier, nor told
+/// `--here`), runs `dvisor bench NAME --here FLAGS` inside the carrier and
+/// returns its exit status; otherwise `None`: benchmark here.
+pub fn in_carrier_if_needed(name: &str, here: bool, json: bool, flags: &[String], mem_mib: u32) -> anyhow::Result<Option<i32>> {
+    let in_carrier = std::env::var_os("DVISOR_IN_CARRIER").is_some();
+    if here || in_carrier || dvisor_images::carrier::host_has_hardware_kvm() {
+        return Ok(None);
+    }
+    eprintln!("dvisor: no hardware virtualization here; benchmarking inside the carrier VM");
+    let mut cmd = vec![std::env::current_exe()?.display().to_string(), "bench".into(), name.into(), "--here".into()];
+    cmd.extend(flags.iter().cloned());
+    if json {
+        cmd.push("--json".into());
+    }
+    let opts = dvisor_images::carrier::CarrierOptions { mem_mib, ..Default::default() };
+    Ok(Some(dvisor_images::carrier::run(&cmd, &opts)?))
 }
 
 fn boot(args: BootBenchArgs) -> anyhow::Result<i32> {
     let image = dvisor_images::current_guest_image()
         .or_else(|_| dvisor_images::build_guest_image(&Default::default()))
         .context("the benchmark boots the default guest image")?;
-    let in_carrier = std::env::var_os("DVISOR_IN_CARRIER").is_some();
-    if !args.here && !in_carrier && !dvisor_images::carrier::host_has_hardware_kvm() {
-        eprintln!("dvisor: no hardware virtualization here; benchmarking inside the carrier VM");
-        let exe = std::env::current_exe()?.display().to_string();
-        let mut cmd = vec![
-            exe,
-            "bench".into(),
-            "boot".into(),
-            "--here".into(),
-            format!("--runs={}", args.runs),
-            format!("--vcpus={}", args.vcpus),
-            format!("--mem={}", args.mem_mib),
-            format!("--timeout={}", args.timeout),
-        ];
-        if args.json {
-            cmd.push("--json".into());
-        }
-        let opts = dvisor_images::carrier::CarrierOptions {
-            mem_mib: (args.mem_mib as u32).saturating_add(1024),
-            ..Default::default()
-        };
-        return Ok(dvisor_images::carrier::run(&cmd, &opts)?);
+    let flags = [
+        format!("--runs={}", args.runs),
+        format!("--vcpus={}", args.vcpus),
+        format!("--mem={}", args.mem_mib),
+        format!("--timeout={}", args.timeout),
+    ];
+    if let Some(code) = in_carrier_if_needed("boot", args.here, args.json, &flags, (args.mem_mib as u32).saturating_add(1024))? {
+        return Ok(code);
     }
+    let in_carrier = std::env::var_os("DVISOR_IN_CARRIER").is_some();
     let qemu = which("qemu-system-x86_64")
         .context("qemu-system-x86_64 not found: run `apt-get install qemu-system-x86`")?;
     let timeout = Duration::from_secs(args.timeout);

@@ -4,14 +4,12 @@
 //! - guest-memory read throughput through the shared memfd mapping, beside
 //!   a copy through the socket (`read_memory`) and a plain memcpy of the
 //!   same size (the physical limit).
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use dvisor_monitor::{paths, GuestMemoryMap, VmmClient};
-use dvisor_vmm::api::protocol::{MemoryRegion, Request, MAX_READ_BYTES};
+use dvisor_monitor::{paths, VmmClient};
+use dvisor_vmm::api::protocol::{Request, MAX_READ_BYTES};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Args)]
@@ -50,31 +48,18 @@ struct ApiBench {
 }
 
 pub fn api(args: ApiBenchArgs) -> anyhow::Result<i32> {
-    let in_carrier = std::env::var_os("DVISOR_IN_CARRIER").is_some();
-    if !args.here && !in_carrier && !dvisor_images::carrier::host_has_hardware_kvm() {
-        eprintln!("dvisor: no hardware virtualization here; benchmarking inside the carrier VM");
-        dvisor_images::current_guest_image()
-            .or_else(|_| dvisor_images::build_guest_image(&Default::default()))
-            .context("the benchmark boots the default guest image")?;
-        let mut cmd = vec![
-            std::env::current_exe()?.display().to_string(),
-            "bench".into(),
-            "api".into(),
-            "--here".into(),
-            format!("--rounds={}", args.rounds),
-            format!("--read-mib={}", args.read_mib),
-        ];
-        if args.json {
-            cmd.push("--json".into());
-        }
-        let opts = dvisor_images::carrier::CarrierOptions { mem_mib: 1536, ..Default::default() };
-        return Ok(dvisor_images::carrier::run(&cmd, &opts)?);
+    dvisor_images::current_guest_image()
+        .or_else(|_| dvisor_images::build_guest_image(&Default::default()))
+        .context("the benchmark boots the default guest image")?;
+    let flags = [format!("--rounds={}", args.rounds), format!("--read-mib={}", args.read_mib)];
+    if let Some(code) = crate::bench::in_carrier_if_needed("api", args.here, args.json, &flags, 1536)? {
+        return Ok(code);
     }
     if args.rounds == 0 || args.read_mib == 0 {
         bail!("--rounds and --read-mib must be at least 1");
     }
     let name = format!("bench{}", std::process::id());
-    let mut vm = Vm::boot(&name)?;
+    let mut vm = crate::bench_vm::Vm::boot(&name)?;
     let result = measure(&args, &paths::api_socket(&name));
     vm.stop();
     let r = result?;
@@ -132,18 +117,9 @@ fn measure(args: &ApiBenchArgs, api: &std::path::Path) -> anyhow::Result<ApiBenc
         status.push(t.elapsed());
     }
 
-    #[derive(Deserialize)]
-    struct Memory {
-        size: u64,
-        regions: Vec<MemoryRegion>,
-        boot: u64,
-    }
-    let (v, fds) = client.call_raw(Request::Memory)?;
-    let m: Memory = serde_json::from_value(v)?;
-    let fd = fds.into_iter().next().context("the memory reply carried no memfd")?;
-    let map = GuestMemoryMap::map(fd, m.size, m.regions.clone(), m.boot)?;
-    // The largest region (RAM above 1 MiB) holds the bytes we read.
-    let region = m.regions.iter().max_by_key(|r| r.size).context("no memory regions")?;
+    let map = client.map_memory()?.context("the guest has no memory mapped yet")?;
+    // The largest region holds the bytes we read.
+    let region = map.regions().iter().max_by_key(|r| r.size).context("no memory regions")?.clone();
     let total = (args.read_mib << 20).min(region.size & !0xfffff);
     let chunk = MAX_READ_BYTES as usize;
     let mut buf = vec![0u8; chunk];
@@ -205,39 +181,4 @@ fn latency(v: &mut [Duration]) -> Latency {
     v.sort();
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
     Latency { median_us: at(0.5), p99_us: at(0.99) }
-}
-
-/// A `dvisor run --no-monitor` child, booted to its first heartbeat.
-struct Vm {
-    child: Child,
-}
-
-impl Vm {
-    fn boot(name: &str) -> anyhow::Result<Vm> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["run", "--no-monitor", "--vcpus", "2", "--name", name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting dvisor run")?;
-        let out = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(out).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(l)) if l.contains("heartbeat ") => break,
-                Some(Ok(_)) => {}
-                _ => bail!("the guest stopped before its first heartbeat"),
-            }
-        }
-        // Keep draining the console so the guest never blocks on it.
-        std::thread::spawn(move || for _ in lines {});
-        Ok(Vm { child })
-    }
-
-    fn stop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
 }

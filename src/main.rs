@@ -1,10 +1,13 @@
 //! The `dvisor` command line: parses arguments and calls the crates.
 mod bench;
 mod bench_api;
+mod bench_vm;
+mod bench_vmi;
 mod images;
 mod monitor_cmd;
 mod ops;
 mod policy;
+mod relay;
 mod run;
 mod vmi_cmd;
 

@@ -4,7 +4,10 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
+
+use crate::relay;
 use clap::{Args, ValueEnum};
+use dvisor_images::carrier;
 use dvisor_monitor::paths;
 use dvisor_vmm::{DiskConfig, NetConfig, OnReboot, RunOutcome, VmConfig, VmmError};
 
@@ -37,8 +40,11 @@ The VMM serves the support API on a UNIX socket (--api) and starts the \
 D-System Monitor as a second process (unless --no-monitor); `dvisor pause`, \
 `regs`, `keys`, `stats`, `events` and `status` talk to that monitor. Sockets \
 live in <runtime dir>/<name>/ where the runtime dir is $DVISOR_RUNTIME_DIR, \
-else $XDG_RUNTIME_DIR/dvisor, else /tmp/dvisor-<uid>. Inside the carrier VM \
-they live in the carrier, so run those commands in the same carrier.")]
+else $XDG_RUNTIME_DIR/dvisor, else /tmp/dvisor-<uid>. When the VM runs in the \
+carrier VM, its sockets live in the carrier, and `dvisor run` relays the \
+monitor's control socket to <runtime dir>/<name>/monitor.sock on this host \
+(docs/carrier.md), so those commands work from another terminal; the \
+support API itself stays in the carrier.")]
 pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 2)]
@@ -116,7 +122,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("dvisor: error: {e}");
         return Ok(EXIT_CONFIG);
     }
-    if !dvisor_images::carrier::host_has_hardware_kvm() && std::env::var_os("DVISOR_IN_CARRIER").is_none() {
+    if !carrier::host_has_hardware_kvm() && std::env::var_os("DVISOR_IN_CARRIER").is_none() {
         if args.no_carrier {
             eprintln!(
                 "dvisor: error: this host has no hardware virtualization (no vmx/svm CPU flag, \
@@ -149,7 +155,9 @@ fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
 fn run_direct(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
     if !args.no_monitor {
         if let Some(api) = &config.api_socket {
-            spawn_monitor(api, &args.name)?;
+            let control = control_socket_for(api, &args.name);
+            spawn_monitor(api, &control, &args.name)?;
+            serve_carrier_relay(&control);
         }
     }
     let _term = dvisor_vmm::console::RawTerminal::enable();
@@ -186,13 +194,18 @@ fn run_direct(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
     })
 }
 
+/// The monitor's control socket sits next to the API socket.
+fn control_socket_for(api: &std::path::Path, name: &str) -> PathBuf {
+    api.parent().map(PathBuf::from).unwrap_or_else(|| paths::vm_dir(name)).join("monitor.sock")
+}
+
 /// Starts the monitor as its own process, in its own process group so that
 /// a Ctrl-C meant for the console does not reach it; it exits by itself
 /// when the VMM closes the support API. Its log goes to monitor.log.
-fn spawn_monitor(api: &std::path::Path, name: &str) -> anyhow::Result<()> {
+fn spawn_monitor(api: &std::path::Path, control: &std::path::Path, name: &str) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("finding the dvisor executable")?;
-    let dir = api.parent().map(PathBuf::from).unwrap_or_else(|| paths::vm_dir(name));
+    let dir = control.parent().map(PathBuf::from).unwrap_or_else(|| paths::vm_dir(name));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join("monitor.log");
     let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
@@ -200,7 +213,9 @@ fn spawn_monitor(api: &std::path::Path, name: &str) -> anyhow::Result<()> {
         .args(["monitor", "--vm", name, "--attach"])
         .arg(api)
         .arg("--control")
-        .arg(dir.join("monitor.sock"))
+        .arg(control)
+        .env_remove(relay::ENV_LISTEN)
+        .env_remove(relay::ENV_TOKEN)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log)
@@ -210,6 +225,55 @@ fn spawn_monitor(api: &std::path::Path, name: &str) -> anyhow::Result<()> {
     // Reap it whenever it ends (killed, upgraded, or after the VMM).
     std::thread::spawn(move || child.wait());
     Ok(())
+}
+
+/// Inside the carrier, when the host side of `dvisor run` asked for it
+/// (`DVISOR_CONTROL_RELAY`): serve the monitor's control socket over TCP
+/// for the host (src/relay.rs). A failure only costs the host its access.
+fn serve_carrier_relay(control: &std::path::Path) {
+    if std::env::var_os("DVISOR_IN_CARRIER").is_none() {
+        return;
+    }
+    let Ok(listen) = std::env::var(relay::ENV_LISTEN) else { return };
+    let warn = |why: String| {
+        eprintln!("dvisor: warning: the host cannot reach this VM's monitor (`dvisor pause` etc. work only inside the carrier): {why}")
+    };
+    let Some(addr) = relay::parse_listen(&listen) else {
+        return warn(format!("bad {}={listen:?}", relay::ENV_LISTEN));
+    };
+    let Some(token) = std::env::var(relay::ENV_TOKEN).ok().filter(|t| !t.is_empty()) else {
+        return warn(format!("{} is not set", relay::ENV_TOKEN));
+    };
+    if let Err(e) = relay::serve_in_carrier(addr, token, control.to_owned()) {
+        warn(format!("listening on {addr}: {e}"));
+    }
+}
+
+/// Host side of the control relay: a free 127.0.0.1 port for QEMU to
+/// forward into the carrier, and the host socket served while the
+/// carrier's monitor answers. `None` (after one warning) if it cannot be
+/// set up: the VM runs anyway.
+fn start_host_relay(name: &str) -> Option<(relay::HostRelay, u16, String)> {
+    let setup = || -> Result<(relay::HostRelay, u16, String), String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("finding a free 127.0.0.1 port: {e}"))?
+            .port();
+        let token = relay::new_token().map_err(|e| format!("reading /dev/urandom: {e}"))?;
+        let r = relay::HostRelay::start(paths::control_socket(name), port, token.clone())?;
+        Ok((r, port, token))
+    };
+    match setup() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            warn_no_relay(&e);
+            None
+        }
+    }
+}
+
+fn warn_no_relay(why: &str) {
+    eprintln!("dvisor: warning: not relaying the monitor's control socket to this host: {why}; `dvisor pause` etc. from here will not reach this VM (the console works)");
 }
 
 fn run_in_carrier(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
@@ -252,11 +316,30 @@ fn run_in_carrier(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
     } else {
         (config.mem_mib as u32).saturating_add(768).max(1024)
     };
-    let opts = dvisor_images::carrier::CarrierOptions {
+    let mut opts = carrier::CarrierOptions {
         mem_mib: carrier_mem,
         ..Default::default()
     };
-    Ok(dvisor_images::carrier::run(&cmd, &opts)?)
+    // The monitor's control socket, relayed to this host (src/relay.rs).
+    let relay = if args.no_monitor { None } else { start_host_relay(&args.name) };
+    let Some((guard, port, token)) = relay else {
+        return Ok(carrier::run(&cmd, &opts)?);
+    };
+    let forward = carrier::TcpForward { host_port: port, carrier_port: relay::CARRIER_PORT };
+    let plain_env = opts.extra_env.clone();
+    opts.extra_env.push((relay::ENV_LISTEN.into(), format!("{}:{}", carrier::CARRIER_IP, relay::CARRIER_PORT)));
+    opts.extra_env.push((relay::ENV_TOKEN.into(), token));
+    let result = match carrier::run_forwarding(&cmd, &opts, &[forward]) {
+        // The port was taken since we picked it; nothing ran yet.
+        Err(carrier::CarrierError::HostForward(e)) => {
+            drop(guard);
+            warn_no_relay(&e);
+            opts.extra_env = plain_env;
+            carrier::run(&cmd, &opts)
+        }
+        other => other,
+    };
+    Ok(result?)
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {

@@ -3,7 +3,9 @@
 # Loads KVM (AMD SVM, emulated by QEMU TCG) and virtio-9p, mounts the host's
 # root read-write over 9p, chroots into it and runs the host-written command
 # script named by `dvisor.cmd=` with stdin/stdout on ttyS1 and stderr on
-# ttyS2. The exit status goes back to the host as `<rundir>/status` (through
+# ttyS2. With `dvisor.net=ADDR/LEN` (the host forwards ports in; QEMU then
+# adds a virtio-net NIC on its user-mode network) it loads virtio_net and
+# gives eth0 that address; without, no NIC module is loaded. The exit status goes back to the host as `<rundir>/status` (through
 # 9p); then the VM powers off. Everything said here lands in the console log
 # (ttyS0) that the host shows when no status comes back.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
@@ -15,20 +17,39 @@ mkdir -p /run /host
 say() { echo "dvisor-carrier: [$(cut -d" " -f1 /proc/uptime)] $*"; }
 die() { say "error: $*"; sync; poweroff -f; }
 
+cmd=; cache=mmap; net=
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in
+	dvisor.cmd=*) cmd=${arg#dvisor.cmd=} ;;
+	dvisor.9pcache=*) cache=${arg#dvisor.9pcache=} ;;
+	dvisor.net=*) net=${arg#dvisor.net=} ;;
+	esac
+done
+
 while read -r name rel; do
 	[ -n "$name" ] || continue
+	case "$name" in
+	virtio_net | net_failover | failover) [ -n "$net" ] || continue ;;
+	esac
 	insmod "/lib/modules/$rel" || say "insmod $name failed"
 done < /etc/dvisor-modules
 say "modules loaded"
 [ -c /dev/kvm ] || die "/dev/kvm missing: kvm_amd did not load (QEMU must run with -cpu max so the carrier sees AMD SVM)"
 
-cmd=; cache=mmap
-for arg in $(cat /proc/cmdline); do
-	case "$arg" in
-	dvisor.cmd=*) cmd=${arg#dvisor.cmd=} ;;
-	dvisor.9pcache=*) cache=${arg#dvisor.9pcache=} ;;
-	esac
-done
+# The NIC of forwarded ports (QEMU user-mode network): static address, no
+# default route (the network reaches nothing but QEMU's forwards).
+if [ -n "$net" ]; then
+	if [ -e /sys/class/net/eth0 ]; then
+		if ip link set eth0 up && ip addr add "$net" dev eth0; then
+			say "eth0 up as $net"
+		else
+			say "configuring eth0 as $net failed: forwarded ports will not answer"
+		fi
+	else
+		say "dvisor.net=$net given but there is no eth0: forwarded ports will not answer"
+	fi
+fi
+
 [ -n "$cmd" ] || die "no dvisor.cmd= on the kernel command line"
 run=${cmd%/*}
 

@@ -114,6 +114,35 @@ impl VmmClient {
         }
     }
 
+    /// Asks for the guest-RAM memfd and maps it. `Ok(None)` between boots.
+    pub fn map_memory(&self) -> Result<Option<crate::GuestMemoryMap>, MonitorError> {
+        #[derive(Deserialize)]
+        struct MemoryReply {
+            size: u64,
+            regions: Vec<dvisor_vmm::api::protocol::MemoryRegion>,
+            boot: u64,
+        }
+        let (value, fds) = match self.call_raw(Request::Memory) {
+            Ok(v) => v,
+            Err(MonitorError::Api(e)) if e.code == ErrorCode::WrongState => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let r: MemoryReply =
+            serde_json::from_value(value).map_err(|e| MonitorError::Protocol(format!("memory reply: {e}")))?;
+        let fd = fds.into_iter().next().ok_or_else(|| MonitorError::Protocol("memory reply came without a memfd".into()))?;
+        crate::GuestMemoryMap::map(fd, r.size, r.regions, r.boot).map(Some)
+    }
+
+    /// One MSR of one vCPU.
+    pub fn read_msr(&self, vcpu: u32, index: u32) -> Result<u64, MonitorError> {
+        #[derive(Deserialize)]
+        struct Msrs {
+            msrs: Vec<dvisor_vmm::api::protocol::Msr>,
+        }
+        let m: Msrs = self.call(Request::GetMsrs { vcpu, indices: vec![index] })?;
+        m.msrs.first().map(|m| m.value).ok_or_else(|| MonitorError::Protocol(format!("MSR {index:#x} missing from the reply")))
+    }
+
     /// Sends raw bytes (for tests of the server's error handling).
     pub fn send_raw(&self, bytes: &[u8]) -> Result<(), MonitorError> {
         self.writer

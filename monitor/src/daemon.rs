@@ -12,12 +12,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dvisor_vmm::api::protocol::{
-    encode_line, ApiError, ErrorCode, Event, EventKind, Lifecycle, MemoryRegion, Reply, Request, ServerMessage,
+    encode_line, ApiError, ErrorCode, Event, EventKind, Lifecycle, Reply, Request, ServerMessage,
     Status, MAX_READ_BYTES,
 };
 use dvisor_vmm::api::EventHub;
 use dvisor_vmm::devices::virtio::stats::monotonic_ns;
-use serde::Deserialize;
 
 use crate::client::VmmClient;
 use crate::control::{ControlEnvelope, ControlRequest, MonitorStatus, VcpuRegs};
@@ -70,28 +69,13 @@ impl Monitor {
 
     /// (Re)maps guest RAM: once at attach, again after every reboot.
     fn remap(&self) -> Result<(), MonitorError> {
-        #[derive(Deserialize)]
-        struct MemoryReply {
-            size: u64,
-            regions: Vec<MemoryRegion>,
-            boot: u64,
+        // Between boots there is no memory to map; the Boot event brings
+        // us back here.
+        let map = self.vmm.map_memory()?;
+        if let Some(m) = &map {
+            tracing::info!(boot = m.boot, size = m.size(), "guest memory mapped");
         }
-        let (value, fds) = match self.vmm.call_raw(Request::Memory) {
-            Ok(v) => v,
-            // Between boots there is no memory to map; the Boot event
-            // brings us back here.
-            Err(MonitorError::Api(e)) if e.code == ErrorCode::WrongState => {
-                *self.memory.write().unwrap_or_else(|p| p.into_inner()) = None;
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        let reply: MemoryReply =
-            serde_json::from_value(value).map_err(|e| MonitorError::Protocol(format!("memory reply: {e}")))?;
-        let fd = fds.into_iter().next().ok_or_else(|| MonitorError::Protocol("memory reply came without a memfd".into()))?;
-        let map = GuestMemoryMap::map(fd, reply.size, reply.regions, reply.boot)?;
-        tracing::info!(boot = reply.boot, size = reply.size, "guest memory mapped");
-        *self.memory.write().unwrap_or_else(|p| p.into_inner()) = Some(map);
+        *self.memory.write().unwrap_or_else(|p| p.into_inner()) = map;
         Ok(())
     }
 
@@ -101,6 +85,11 @@ impl Monitor {
 
     /// Runs `f` on the current guest-memory mapping.
     pub fn with_memory<T>(&self, f: impl FnOnce(&GuestMemoryMap) -> Result<T, MonitorError>) -> Result<T, MonitorError> {
+        // Attached before the first boot set up its memory, or a Boot
+        // event was missed: try once more before giving up.
+        if self.memory.read().unwrap_or_else(|p| p.into_inner()).is_none() {
+            self.remap()?;
+        }
         let g = self.memory.read().unwrap_or_else(|p| p.into_inner());
         match g.as_ref() {
             Some(m) => f(m),
@@ -111,6 +100,13 @@ impl Monitor {
     /// Serves `control` until the VMM goes away. Returns Ok when it does.
     pub fn serve(self: &Arc<Self>, control: &Path) -> Result<(), MonitorError> {
         let events = self.vmm.subscribe(ALL_KINDS)?;
+        // A boot that began between attach and subscribe sent its Boot
+        // event before we listened.
+        if self.memory.read().unwrap_or_else(|p| p.into_inner()).is_none() {
+            if let Err(e) = self.remap() {
+                tracing::warn!("mapping guest memory: {e}");
+            }
+        }
         let listener = bind_control(control)?;
         let _cleanup = RemoveOnDrop(control.to_owned());
         {
@@ -143,7 +139,7 @@ impl Monitor {
             }
             self.hub.publish(ev);
         }
-        tracing::info!("the VMM closed the support API; monitor exiting");
+        eprintln!("dvisor monitor: the VMM at {} closed the support API; exiting", self.vmm.path().display());
         Ok(())
     }
 

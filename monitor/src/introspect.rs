@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use dvisor_vmm::api::protocol::{Msr, Request, Sregs, Status};
+use dvisor_vmm::api::protocol::{Request, Sregs, Status};
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::Monitor;
@@ -83,12 +83,7 @@ impl Monitor {
             }
         }
         let sregs: Sregs = self.vmm().call(Request::GetSregs { vcpu: 0 })?;
-        #[derive(Deserialize)]
-        struct Msrs {
-            msrs: Vec<Msr>,
-        }
-        let m: Msrs = self.vmm().call(Request::GetMsrs { vcpu: 0, indices: vec![MSR_LSTAR] })?;
-        let lstar = m.msrs.first().map(|m| m.value).unwrap_or(0);
+        let lstar = self.vmm().read_msr(0, MSR_LSTAR)?;
         if lstar == 0 {
             return Err(MonitorError::Vmi("MSR_LSTAR is 0: the guest kernel has not set up system calls yet (still booting?)".into()));
         }

@@ -222,6 +222,16 @@ pub fn dvisor_json(args: &[&str]) -> serde_json::Value {
     let mut all = args.to_vec();
     all.push("--json");
     let (ok, out, err) = dvisor_out(&all);
-    assert!(ok, "dvisor {} failed:\n{err}", all.join(" "));
+    if !ok {
+        // The monitor's own log says why it went away, if it did.
+        let log = all
+            .iter()
+            .position(|a| *a == "--vm")
+            .and_then(|i| all.get(i + 1))
+            .map(|vm| dvisor_monitor::paths::vm_dir(vm).join("monitor.log"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        panic!("dvisor {} failed:\n{err}\n--- monitor.log ---\n{log}", all.join(" "));
+    }
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("dvisor {} printed non-JSON ({e}):\n{out}", all.join(" ")))
 }

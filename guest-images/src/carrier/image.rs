@@ -23,7 +23,10 @@ pub const INIT_SCRIPT: &str = include_str!("../../init/carrier-init.sh");
 /// fscache, virtio, virtio_ring, virtio_pci_*_dev) are added in load order.
 /// `tun` (/dev/net/tun) lets commands create tap devices for the guest's
 /// virtio-net; `veth` lets them wire network namespaces together.
-pub const MODULES: &[&str] = &["kvm_amd", "virtio_pci", "9pnet_virtio", "9p", "tun", "veth"];
+/// `virtio_net` (+ `failover`, `net_failover`) drives the carrier's own NIC,
+/// which exists only when ports are forwarded into it; the init loads those
+/// three only then (`dvisor.net=` on its command line).
+pub const MODULES: &[&str] = &["kvm_amd", "virtio_pci", "9pnet_virtio", "9p", "tun", "veth", "virtio_net"];
 
 /// A built carrier image.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,7 @@ mod run;
 use std::path::PathBuf;
 
 pub use image::{build_carrier_image, carrier_image, CarrierImage, CARRIER_KERNEL_META};
-pub use run::{run, StdinEncoder};
+pub use run::{run, run_forwarding, StdinEncoder};
 
 use crate::error::ImageError;
 
@@ -28,6 +28,24 @@ impl Default for CarrierOptions {
         CarrierOptions { mem_mib: 2048, cpus: 2, extra_env: Vec::new() }
     }
 }
+
+/// A TCP port forwarded from the host into the carrier (`run_forwarding`):
+/// connections to `127.0.0.1:host_port` on the host reach
+/// `CARRIER_IP:carrier_port` inside the carrier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpForward {
+    pub host_port: u16,
+    pub carrier_port: u16,
+}
+
+/// The carrier's address on its private user-mode (slirp) network, which
+/// exists only when `run_forwarding` is given forwards. The subnet is
+/// deliberately not QEMU's default 10.0.2.0/24, which docs/images.md uses
+/// for guest tap networks inside the carrier.
+pub const CARRIER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 254, 77, 15);
+/// Prefix length of the carrier's slirp network (10.254.77.0/24; QEMU's
+/// side is 10.254.77.2).
+pub const CARRIER_NET_PREFIX: u8 = 24;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CarrierError {
@@ -48,6 +66,9 @@ pub enum CarrierError {
 
     #[error("starting qemu-system-x86_64 failed: {0}")]
     Spawn(std::io::Error),
+
+    #[error("QEMU could not listen on the host for a forwarded port: {0}")]
+    HostForward(String),
 
     #[error("the carrier VM ended without reporting the command's exit status (qemu {qemu_status}); last lines of its console log {log}:\n{tail}")]
     NoStatus { qemu_status: String, log: PathBuf, tail: String },

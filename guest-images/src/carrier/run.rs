@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{carrier_image, CarrierError, CarrierOptions};
+use super::{carrier_image, CarrierError, CarrierOptions, TcpForward, CARRIER_IP, CARRIER_NET_PREFIX};
 
 /// Environment variables passed from the caller to the command.
 const ENV_NAMES: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "TERM", "LANG", "RUST_LOG", "RUST_BACKTRACE", "TMPDIR"];
@@ -88,6 +88,18 @@ impl StdinEncoder {
 /// Runs `cmd` in the carrier with the caller's current directory and returns
 /// its exit status (128+N when we were stopped by signal N).
 pub fn run(cmd: &[String], opts: &CarrierOptions) -> Result<i32, CarrierError> {
+    run_forwarding(cmd, opts, &[])
+}
+
+/// `run`, plus TCP ports forwarded from the host's 127.0.0.1 into the
+/// carrier. With forwards, the carrier gets a virtio-net NIC on a private
+/// QEMU user-mode network (`-netdev user,restrict=on`: no route to the
+/// outside, only the forwards reach in) and its init configures `eth0` as
+/// `CARRIER_IP`; without, the carrier is exactly what `run` boots.
+///
+/// If QEMU cannot listen on a host port (taken since the caller picked it),
+/// nothing ran yet and the error is `CarrierError::HostForward`.
+pub fn run_forwarding(cmd: &[String], opts: &CarrierOptions, forwards: &[TcpForward]) -> Result<i32, CarrierError> {
     if cmd.is_empty() {
         return Err(CarrierError::EmptyCommand);
     }
@@ -113,7 +125,10 @@ pub fn run(cmd: &[String], opts: &CarrierOptions) -> Result<i32, CarrierError> {
     let qemu_stderr = std::fs::File::create(&qemu_log).map_err(|e| CarrierError::io(&qemu_log, e))?;
 
     let cache_mode = std::env::var("DVISOR_CARRIER_9P_CACHE").unwrap_or_else(|_| "mmap".into());
-    let append = format!("console=ttyS0 quiet panic=-1 dvisor.cmd={} dvisor.9pcache={cache_mode}", script.display());
+    let mut append = format!("console=ttyS0 quiet panic=-1 dvisor.cmd={} dvisor.9pcache={cache_mode}", script.display());
+    if !forwards.is_empty() {
+        append.push_str(&format!(" dvisor.net={CARRIER_IP}/{CARRIER_NET_PREFIX}"));
+    }
     let mut qcmd = Command::new(&qemu);
     qcmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-nodefaults", "-no-user-config", "-no-reboot"])
         .args(["-display", "none", "-monitor", "none"])
@@ -127,6 +142,7 @@ pub fn run(cmd: &[String], opts: &CarrierOptions) -> Result<i32, CarrierError> {
         .args(["-chardev", &format!("socket,id=cio,path={}", qemu_escape(&io_sock)), "-serial", "chardev:cio"])
         .args(["-chardev", &format!("socket,id=cerr,path={}", qemu_escape(&err_sock)), "-serial", "chardev:cerr"])
         .args(["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,multidevs=remap"])
+        .args(netdev_args(forwards))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(qemu_stderr);
@@ -191,6 +207,10 @@ pub fn run(cmd: &[String], opts: &CarrierOptions) -> Result<i32, CarrierError> {
     }
     let status = std::fs::read_to_string(run.join("status")).ok().and_then(|s| s.trim().parse::<i32>().ok());
     let Some(code) = status else {
+        let qemu_err = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+        if let Some(line) = qemu_err.lines().find(|l| l.contains("Could not set up host forwarding rule")) {
+            return Err(CarrierError::HostForward(line.trim().to_string()));
+        }
         let mut tail = tail_file(&console, 40);
         let qtail = tail_file(&qemu_log, 10);
         if !qtail.is_empty() {
@@ -327,6 +347,22 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// The carrier's NIC, only when something is forwarded: a user-mode
+/// network restricted to the forwards (`restrict=on`), IPv6 off (nothing
+/// uses it, and its router advertisements would only wake the carrier),
+/// and no option ROM (we boot with -kernel; the ROM would only cost time).
+fn netdev_args(forwards: &[TcpForward]) -> Vec<String> {
+    if forwards.is_empty() {
+        return Vec::new();
+    }
+    let o = CARRIER_IP.octets();
+    let mut netdev = format!("user,id=dvnet0,restrict=on,ipv6=off,net={}.{}.{}.0/{CARRIER_NET_PREFIX}", o[0], o[1], o[2]);
+    for f in forwards {
+        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-{CARRIER_IP}:{}", f.host_port, f.carrier_port));
+    }
+    ["-netdev", &netdev, "-device", "virtio-net-pci,netdev=dvnet0,romfile="].map(String::from).to_vec()
+}
+
 /// QEMU option values escape `,` as `,,`.
 fn qemu_escape(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
@@ -440,6 +476,17 @@ mod tests {
         let s = command_script(Path::new("/"), &env, &["true".into()]);
         assert!(s.contains("export DVISOR_RUNTIME_DIR='/dev/shm/mine'\n"));
         assert!(s.contains("mkdir -p \"$DVISOR_RUNTIME_DIR\""));
+    }
+
+    #[test]
+    fn forwards_add_a_restricted_nic() {
+        assert!(netdev_args(&[]).is_empty(), "a plain carrier has no NIC");
+        let a = netdev_args(&[TcpForward { host_port: 40001, carrier_port: 7077 }]);
+        assert_eq!(a[0], "-netdev");
+        assert!(a[1].starts_with("user,id=dvnet0,restrict=on,"), "{}", a[1]);
+        assert!(a[1].contains(",net=10.254.77.0/24,"), "{}", a[1]);
+        assert!(a[1].ends_with(",hostfwd=tcp:127.0.0.1:40001-10.254.77.15:7077"), "{}", a[1]);
+        assert_eq!(a[2..], ["-device", "virtio-net-pci,netdev=dvnet0,romfile="]);
     }
 
     #[test]

@@ -1,0 +1,72 @@
+//! A guest for benchmarks: `dvisor run --no-monitor` as a child, its
+//! console lines on a channel and its shell on stdin.
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Safety net for one guest step under TCG; never what is measured.
+const STEP: Duration = Duration::from_secs(300);
+
+pub struct Vm {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+}
+
+impl Vm {
+    /// Boots the default guest and waits for its shell prompt.
+    pub fn boot(name: &str) -> anyhow::Result<Vm> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["run", "--no-monitor", "--vcpus", "2", "--name", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting dvisor run")?;
+        let out = child.stdout.take().context("no stdout")?;
+        let stdin = child.stdin.take().context("no stdin")?;
+        let (tx, lines) = mpsc::channel();
+        // Always drain the console so the guest never blocks on it.
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let mut vm = Vm { child, stdin, lines };
+        vm.wait_line(|l| l.contains("guest# "))?;
+        Ok(vm)
+    }
+
+    /// Waits for a console line matching `pred`; returns it.
+    pub fn wait_line(&mut self, pred: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if pred(&l) => return Ok(l),
+                Ok(_) => {}
+                Err(_) => bail!("the guest console ended or stalled"),
+            }
+        }
+    }
+
+    /// Types a command at the guest shell and returns how long until the
+    /// guest printed `marker`, as the host sees it.
+    pub fn time_command(&mut self, cmd: &str, marker: &str) -> anyhow::Result<Duration> {
+        while self.lines.try_recv().is_ok() {}
+        let t = Instant::now();
+        writeln!(self.stdin, "{cmd}").context("typing into the guest")?;
+        self.stdin.flush()?;
+        self.wait_line(|l| l.contains(marker))?;
+        Ok(t.elapsed())
+    }
+
+    pub fn stop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
