@@ -140,6 +140,16 @@ fn monitored_guest() {
 
     // --- guest debug: a single step stops the VM and is reported
     guest_debug(&api);
+
+    // --- an NMI reaches the guest kernel, which reports it in its log
+    let client = VmmClient::connect(std::path::Path::new(&api), "nmi-test").unwrap();
+    let _: serde_json::Value = client.call(Request::Nmi { vcpu: 0 }).unwrap();
+    drop(client);
+    c.wait_prompt(0, "guest# ");
+    let mark = c.line_count();
+    c.type_line("dmesg | grep -c 'NMI received' | sed 's/^/NMI-COUNT-/'");
+    let n = c.wait_for(mark, "the NMI count", |l| l.starts_with("NMI-COUNT-"));
+    assert_ne!(c.lines()[n], "NMI-COUNT-0", "the guest kernel saw no NMI");
     let mark = c.line_count();
     let now = beats(&c, 0).into_iter().max().unwrap_or(0);
     wait_beat_after(&c, mark, now + 3);
@@ -185,8 +195,21 @@ fn guest_debug(api: &str) {
     // docs/support-api.md.
     let off = Request::SetDebug { vcpu: None, single_step: false, sw_breakpoints: false, hw_breakpoints: vec![] };
     let _: serde_json::Value = client.call(off).unwrap();
+
+    // Register and MSR writes, with the values just read: the guest must
+    // run on unharmed, and a read-back must show them.
+    let regs: serde_json::Value = client.call(Request::GetRegs { vcpu: 1 }).unwrap();
+    let set = Request::SetRegs { vcpu: 1, regs: serde_json::from_value(regs.clone()).unwrap() };
+    let _: serde_json::Value = client.call(set).unwrap();
+    assert_eq!(client.call::<serde_json::Value>(Request::GetRegs { vcpu: 1 }).unwrap(), regs);
+    let lstar = client.read_msr(1, 0xc000_0082).unwrap();
+    let msr = dvisor_vmm::api::protocol::Msr { index: 0xc000_0082, value: lstar };
+    let _: serde_json::Value = client.call(Request::SetMsrs { vcpu: 1, msrs: vec![msr] }).unwrap();
     let _: serde_json::Value = client.call(Request::Resume).unwrap();
     assert_eq!(state(&client), "running");
+    // A write to a running VM is refused.
+    let e = client.call::<serde_json::Value>(Request::SetMsrs { vcpu: 1, msrs: vec![msr] }).unwrap_err();
+    assert!(e.to_string().contains("paused"), "{e}");
 }
 
 /// `dvisor status --json`, retried while the monitor is still attaching.
