@@ -62,6 +62,9 @@ enum Cmd {
     Kmem(vmi_cmd::KmemArgs),
     /// Look up a guest kernel symbol, or the symbol at an address.
     Ksym(vmi_cmd::KsymArgs),
+    /// Run one system call inside a guest process (debugging aid).
+    #[command(hide = true)]
+    Syscall(vmi_cmd::SyscallArgs),
 }
 
 fn main() {
@@ -89,6 +92,7 @@ fn main() {
         Cmd::Mem(a) => vmi_cmd::mem(a),
         Cmd::Kmem(a) => vmi_cmd::kmem(a),
         Cmd::Ksym(a) => vmi_cmd::ksym(a),
+        Cmd::Syscall(a) => vmi_cmd::syscall(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

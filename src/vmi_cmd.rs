@@ -153,3 +153,38 @@ pub fn ksym(a: KsymArgs) -> anyhow::Result<i32> {
     }
     Ok(0)
 }
+
+#[derive(Debug, Args)]
+pub struct SyscallArgs {
+    pub pid: u32,
+    /// System call number (x86-64), e.g. 39 for getpid, 9 for mmap.
+    pub nr: u64,
+    /// Up to six arguments (hex with 0x, decimal, or -1).
+    #[arg(allow_negative_numbers = true)]
+    pub args: Vec<String>,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// Debugging aid: runs one system call inside a guest process.
+pub fn syscall(a: SyscallArgs) -> anyhow::Result<i32> {
+    if a.args.len() > 6 {
+        anyhow::bail!("at most 6 system call arguments");
+    }
+    let args = a
+        .args
+        .iter()
+        .map(|s| match s.parse::<i64>() {
+            Ok(v) => Ok(v as u64),
+            Err(_) => parse_addr(s).ok_or_else(|| anyhow::anyhow!("bad argument {s:?}")),
+        })
+        .collect::<anyhow::Result<Vec<u64>>>()?;
+    let r: serde_json::Value = a.target.connect()?.call(ControlRequest::Syscall { pid: a.pid, nr: a.nr, args })?;
+    let rax = r["rax"].as_u64().unwrap_or(0);
+    if a.target.json {
+        println!("{r}");
+    } else {
+        println!("{rax:#x} ({})", rax as i64);
+    }
+    Ok(0)
+}

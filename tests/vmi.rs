@@ -54,6 +54,7 @@ fn introspection_matches_the_guest() {
     counter_matches(&c, &name, &image.service_binary);
     let slide = kallsyms_match(&mut c, &name);
     corrupted_copies_fail(&name, &image.vmlinux);
+    syscall_injection(&c, &name);
     c.type_line("poweroff -f");
     assert!(c.wait_exit().success(), "{}", c.stderr());
 
@@ -246,4 +247,26 @@ fn corrupted_copies_fail(name: &str, vmlinux: &std::path::Path) {
     }
     let e = Vmi::attach(&garbage, &profile, sregs.cr3, sregs.cr4, lstar).err().expect("attach to garbage tables");
     eprintln!("garbage page tables: {e}");
+}
+
+/// A system call run inside the service from outside: getpid answers its
+/// pid, an mmap shows up in its memory map, and the service beats on.
+fn syscall_injection(c: &Console, name: &str) {
+    let pid = service_pid(c);
+    let p = pid.to_string();
+    let got = dvisor_json(&["syscall", "--vm", name, &p, "39"]);
+    assert_eq!(got["rax"].as_u64(), Some(u64::from(pid)), "getpid injected into the service");
+    let before = c.lines().iter().rev().find_map(|l| heartbeat(l)).unwrap().0;
+    // mmap(NULL, 8192, PROT_READ|PROT_WRITE|PROT_EXEC, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0)
+    let got = dvisor_json(&["syscall", "--vm", name, &p, "9", "0", "8192", "7", "0x22", "-1", "0"]);
+    let addr = got["rax"].as_u64().unwrap();
+    assert!(addr > 0x1000 && addr < 0x8000_0000_0000, "mmap returned {addr:#x}");
+    let maps = dvisor_json(&["maps", "--vm", name, &p]);
+    let vma = maps.as_array().unwrap().iter().find(|v| v["start"].as_u64() == Some(addr)).cloned();
+    let vma = vma.unwrap_or_else(|| panic!("no VMA at {addr:#x}: {maps}"));
+    assert_eq!((vma["end"].as_u64().unwrap() - addr, vma["perms"].as_str().unwrap()), (8192, "rwxp"));
+    let mark = c.line_count();
+    c.wait_for(mark, "heartbeats after the injection", |l| heartbeat(l).is_some_and(|(n, _)| n > before + 3));
+    let seq: Vec<u64> = c.lines().iter().filter_map(|l| heartbeat(l).map(|(n, _)| n)).filter(|&n| n >= before).collect();
+    assert!(seq.windows(2).all(|w| w[1] == w[0] + 1), "the service skipped a beat: {seq:?}");
 }

@@ -84,6 +84,14 @@ pub enum ControlRequest {
     /// Kernel symbol lookup: a name gives its runtime address, an address
     /// gives symbol+offset.
     Ksym { query: String },
+    /// Runs a system call inside a process (used by the patcher for its
+    /// space; exposed for debugging).
+    Syscall {
+        pid: u32,
+        nr: u64,
+        #[serde(default)]
+        args: Vec<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -259,6 +259,13 @@ impl Monitor {
                 serde_json::to_value(Reply::Bytes { gpa: addr, hex: hex(&bytes) })
             }
             ControlRequest::Ksym { query } => serde_json::to_value(self.ksym(&query)?),
+            ControlRequest::Syscall { pid, nr, args } => {
+                let mut a = [0u64; 6];
+                for (d, s) in a.iter_mut().zip(&args) {
+                    *d = *s;
+                }
+                serde_json::to_value(serde_json::json!({ "rax": self.inject_syscall(pid, nr, a)? }))
+            }
             ControlRequest::Events { .. } => unreachable!("streamed by serve_client"),
         };
         v.map_err(|e| MonitorError::Protocol(e.to_string()))

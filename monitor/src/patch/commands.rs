@@ -62,7 +62,7 @@ impl CommandFile {
             let body = raw.split('#').next().unwrap_or("");
             let words: Vec<&str> = body.split_whitespace().collect();
             let Some((&op, args)) = words.split_first() else { continue };
-            let (usage, action_of): (&str, fn(&str) -> Result<Action, String>) = match op {
+            let (usage, action_of): (&str, ArgParser) = match op {
                 "J" => ("J target_function patch_function", |a| Ok(Action::Jump { patch_function: symbol(a, "J patch function")? })),
                 "V" => ("V target_variable HEXBYTES", |a| Ok(Action::Variable { bytes: hex_bytes(a)? })),
                 "P" => ("P target_pointer patch_symbol", |a| Ok(Action::Pointer { patch_symbol: symbol(a, "P patch symbol")? })),
@@ -91,6 +91,9 @@ impl CommandFile {
     }
 }
 
+/// Turns a command's last argument into its action, or says what is wrong.
+type ArgParser = fn(&str) -> Result<Action, String>;
+
 /// A C-ish symbol name: letters, digits, `_`, `.`, `$`, `@` (for versioned
 /// or compiler-made names such as `names.0`), not starting with a digit.
 fn symbol(word: &str, what: &str) -> Result<String, String> {
@@ -112,7 +115,7 @@ fn hex_bytes(word: &str) -> Result<Vec<u8>, String> {
     if let Some(bad) = word.chars().find(|c| !c.is_ascii_hexdigit()) {
         return Err(format!("V: {bad:?} in {word:?} is not a hex digit"));
     }
-    if word.len() % 2 != 0 {
+    if word.len() & 1 == 1 {
         return Err(format!("V needs an even number of hex digits (2 per byte), got {} in {word:?}", word.len()));
     }
     (0..word.len())

@@ -19,7 +19,6 @@ pub const SHT_DYNSYM: u32 = 11;
 pub const SHT_INIT_ARRAY: u32 = 14;
 pub const SHT_FINI_ARRAY: u32 = 15;
 pub const SHT_PREINIT_ARRAY: u32 = 16;
-pub const SHT_GROUP: u32 = 17;
 pub const SHT_X86_64_UNWIND: u32 = 0x7000_0001;
 
 pub const SHF_WRITE: u64 = 0x1;
@@ -34,7 +33,6 @@ pub const SHN_COMMON: u16 = 0xfff2;
 pub const SHN_XINDEX: u16 = 0xffff;
 
 pub const STB_LOCAL: u8 = 0;
-pub const STB_GLOBAL: u8 = 1;
 pub const STB_WEAK: u8 = 2;
 
 pub const STT_NOTYPE: u8 = 0;
@@ -50,7 +48,7 @@ pub const SYM_SIZE: u64 = 24;
 pub const RELA_SIZE: u64 = 24;
 const SHDR_SIZE: u64 = 64;
 /// Longest symbol or section name read; longer ones are cut (not an error).
-const MAX_NAME: usize = 4096;
+const MAX_NAME: usize = 1024;
 
 pub fn slice(data: &[u8], off: u64, len: u64) -> Option<&[u8]> {
     let start = usize::try_from(off).ok()?;

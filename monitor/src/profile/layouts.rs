@@ -258,6 +258,10 @@ const EXTRA_FIELDS: &[(&str, &str)] = &[
     ("signal_struct", "live"),
     ("pid", "numbers"),
     ("upid", "nr"),
+    ("pt_regs", "ip"),
+    ("pt_regs", "sp"),
+    ("pt_regs", "ax"),
+    ("pt_regs", "orig_ax"),
 ];
 
 const CONSTANTS: &[&str] = &[

@@ -31,7 +31,7 @@ pub use layouts::Layouts;
 
 /// Bumped whenever the profile's content or encoding changes; a cache of
 /// another version is rebuilt.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KernelProfile {

@@ -58,8 +58,7 @@ impl<M: PhysRead> Vmi<'_, M> {
                 let maple = l.maple.as_ref().ok_or_else(|| VmiError::Profile("maple tree layouts".into()))?;
                 let root = self.read_u64(mm + mm_mt.offset + maple.ma_root.offset)?;
                 let mut out = Vec::new();
-                let mut nodes = 0;
-                self.maple_entries(root, 0, &mut nodes, &mut out)?;
+                self.maple_entries(root, &mut out)?;
                 out
             }
             VmaIndex::List { mmap, vm_next } => {
@@ -129,25 +128,35 @@ impl<M: PhysRead> Vmi<'_, M> {
         Ok(vmas)
     }
 
-    /// Collects every leaf entry under `entry`: a node is walked, any other
-    /// non-null pointer is a VMA.
-    fn maple_entries(&self, entry: u64, depth: usize, nodes: &mut usize, out: &mut Vec<u64>) -> Result<(), VmiError> {
-        if entry == 0 {
+    /// Collects every leaf entry of a maple tree. Only the root pointer
+    /// is an xarray "internal" entry (low bits 0b10); child pointers in a
+    /// node's slots carry just their type (bits 3..6) and bit 2
+    /// (MAPLE_ENODE_NULL). Any other root value is a single entry.
+    fn maple_entries(&self, root: u64, out: &mut Vec<u64>) -> Result<(), VmiError> {
+        if root == 0 {
             return Ok(());
         }
-        if !is_node(entry) {
-            if entry & 7 == 0 && self.is_kernel_va(entry) {
-                out.push(entry);
+        if !is_node(root) {
+            if root & 7 == 0 && self.is_kernel_va(root) {
+                out.push(root);
             }
             return Ok(());
         }
+        let mut nodes = 0;
+        self.maple_node(root, 0, &mut nodes, out)
+    }
+
+    fn maple_node(&self, enode: u64, depth: usize, nodes: &mut usize, out: &mut Vec<u64>) -> Result<(), VmiError> {
         *nodes += 1;
         if depth > MAX_DEPTH || *nodes > MAX_NODES || out.len() > MAX_VMAS {
             return Err(VmiError::Corrupt(format!("maple tree deeper than {MAX_DEPTH} or larger than {MAX_NODES} nodes")));
         }
         let maple = self.profile.layouts.maple.as_ref().ok_or_else(|| VmiError::Profile("maple tree layouts".into()))?;
-        let node = entry & !MAPLE_NODE_MASK;
-        let kind = ((entry >> MAPLE_NODE_TYPE_SHIFT) & MAPLE_NODE_TYPE_MASK) as i64;
+        let node = enode & !MAPLE_NODE_MASK;
+        if !self.is_kernel_va(node) {
+            return Err(VmiError::Corrupt(format!("maple node pointer {enode:#x} is not a kernel address")));
+        }
+        let kind = ((enode >> MAPLE_NODE_TYPE_SHIFT) & MAPLE_NODE_TYPE_MASK) as i64;
         let layout = if kind == maple.type_arange_64 {
             &maple.arange_64
         } else if kind == maple.type_range_64 || kind == maple.type_leaf_64 {
@@ -160,12 +169,15 @@ impl<M: PhysRead> Vmi<'_, M> {
         self.read_kernel(node + layout.slot.offset, &mut raw)?;
         for s in raw.chunks_exact(8) {
             let e = u64::from_le_bytes(s.try_into().unwrap_or([0; 8]));
+            if e == 0 {
+                continue;
+            }
             if kind == maple.type_leaf_64 {
                 if e & 7 == 0 && self.is_kernel_va(e) {
                     out.push(e);
                 }
-            } else if is_node(e) {
-                self.maple_entries(e, depth + 1, nodes, out)?;
+            } else {
+                self.maple_node(e, depth + 1, nodes, out)?;
             }
         }
         Ok(())
