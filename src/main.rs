@@ -62,6 +62,9 @@ enum Cmd {
     Kmem(vmi_cmd::KmemArgs),
     /// Look up a guest kernel symbol, or the symbol at an address.
     Ksym(vmi_cmd::KsymArgs),
+    /// Live-patch a guest process from outside: apply, list, revert.
+    #[command(subcommand)]
+    Patch(vmi_cmd::PatchCmd),
     /// Run one system call inside a guest process (debugging aid).
     #[command(hide = true)]
     Syscall(vmi_cmd::SyscallArgs),
@@ -93,6 +96,7 @@ fn main() {
         Cmd::Kmem(a) => vmi_cmd::kmem(a),
         Cmd::Ksym(a) => vmi_cmd::ksym(a),
         Cmd::Syscall(a) => vmi_cmd::syscall(a),
+        Cmd::Patch(c) => vmi_cmd::patch(c),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -188,3 +188,124 @@ pub fn syscall(a: SyscallArgs) -> anyhow::Result<i32> {
     }
     Ok(0)
 }
+
+#[derive(Debug, clap::Subcommand)]
+pub enum PatchCmd {
+    /// Apply a live patch: an ELF object built by gcc plus a command file.
+    Apply(PatchApplyArgs),
+    /// List applied patches with their sites.
+    List(PatchListArgs),
+    /// Revert an applied patch (restores the original bytes, frees its space).
+    Revert(PatchRevertArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "See docs/patching.md for the command file (J/V/P lines) and how to compile a patch.")]
+pub struct PatchApplyArgs {
+    /// The process to patch, by pid.
+    #[arg(long, conflicts_with = "comm", required_unless_present = "comm")]
+    pub pid: Option<u32>,
+    /// The process to patch, by command name (must be unique).
+    #[arg(long)]
+    pub comm: Option<String>,
+    /// The patch: an x86-64 ELF relocatable object (gcc -c).
+    #[arg(long, value_name = "FILE")]
+    pub object: std::path::PathBuf,
+    /// The command file.
+    #[arg(long, value_name = "FILE")]
+    pub commands: std::path::PathBuf,
+    /// The target program's ELF with symbols [default: the guest image's demo service].
+    #[arg(long, value_name = "FILE")]
+    pub binary: Option<std::path::PathBuf>,
+    /// Do not check that no thread is inside a replaced function.
+    #[arg(long = "unsafe")]
+    pub unsafe_mode: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Args)]
+pub struct PatchListArgs {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Args)]
+pub struct PatchRevertArgs {
+    pub id: u32,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+fn absolute(p: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+pub fn patch(cmd: PatchCmd) -> anyhow::Result<i32> {
+    use dvisor_monitor::patcher::AppliedPatch;
+    match cmd {
+        PatchCmd::Apply(a) => {
+            let mut c = a.target.connect()?;
+            let pid = match (a.pid, &a.comm) {
+                (Some(p), _) => p,
+                (None, Some(comm)) => {
+                    let procs: Vec<Process> = c.call(ControlRequest::Ps { consistent: false })?;
+                    let m: Vec<_> = procs.iter().filter(|p| &p.comm == comm && !p.kernel_thread).collect();
+                    match m[..] {
+                        [p] => p.pid,
+                        [] => anyhow::bail!("no process named {comm:?} in the guest (see `dvisor ps`)"),
+                        _ => anyhow::bail!("{} processes are named {comm:?}: pick one with --pid", m.len()),
+                    }
+                }
+                (None, None) => anyhow::bail!("give --pid or --comm"),
+            };
+            let binary = match &a.binary {
+                Some(b) => b.clone(),
+                None => dvisor_images::current_guest_image()?.service_binary,
+            };
+            let req = ControlRequest::PatchApply {
+                pid,
+                object: absolute(&a.object),
+                commands: absolute(&a.commands),
+                binary: absolute(&binary),
+                unsafe_mode: a.unsafe_mode,
+            };
+            let p: AppliedPatch = c.call(req)?;
+            if a.target.json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                let t = &p.timing;
+                println!("patch {} applied to pid {} ({} sites, space {:#x}+{:#x})", p.id, p.pid, p.sites.len(), p.space, p.space_len);
+                println!(
+                    "pause {} µs: attach {} µs, write jump {} µs, detach {} µs; outside the pause: alloc {} µs, write patch {} µs",
+                    t.pause_us, t.attach_us, t.write_jump_us, t.detach_us, t.alloc_us, t.write_patch_us
+                );
+            }
+        }
+        PatchCmd::List(a) => {
+            let list: Vec<AppliedPatch> = a.target.connect()?.call(ControlRequest::PatchList)?;
+            if a.target.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no patches applied");
+            }
+            if !a.target.json {
+                for p in list {
+                    println!("{}  pid {}  {}  space {:#x}+{:#x}", p.id, p.pid, p.object, p.space, p.space_len);
+                    for s in p.sites {
+                        println!("    {:#x} {} ({} -> {})", s.addr, s.target, s.original, s.new);
+                    }
+                }
+            }
+        }
+        PatchCmd::Revert(a) => {
+            let p: AppliedPatch = a.target.connect()?.call(ControlRequest::PatchRevert { patch: a.id })?;
+            if a.target.json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                println!("patch {} reverted ({} sites restored, space freed)", p.id, p.sites.len());
+            }
+        }
+    }
+    Ok(0)
+}

@@ -84,6 +84,17 @@ pub enum ControlRequest {
     /// Kernel symbol lookup: a name gives its runtime address, an address
     /// gives symbol+offset.
     Ksym { query: String },
+    /// Applies a live patch to a process (paths are on the monitor's host).
+    PatchApply {
+        pid: u32,
+        object: std::path::PathBuf,
+        commands: std::path::PathBuf,
+        binary: std::path::PathBuf,
+        #[serde(default)]
+        unsafe_mode: bool,
+    },
+    PatchList,
+    PatchRevert { patch: u32 },
     /// Runs a system call inside a process (used by the patcher for its
     /// space; exposed for debugging).
     Syscall {

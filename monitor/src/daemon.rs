@@ -37,6 +37,7 @@ pub struct Monitor {
     events_seen: AtomicU64,
     attached_ns: u64,
     pub(crate) vmi: crate::introspect::VmiState,
+    pub(crate) patches: crate::patcher::PatchState,
 }
 
 impl Monitor {
@@ -62,6 +63,7 @@ impl Monitor {
             events_seen: AtomicU64::new(0),
             attached_ns: monotonic_ns(),
             vmi: crate::introspect::VmiState::new(vmlinux),
+            patches: crate::patcher::PatchState::default(),
         });
         monitor.remap()?;
         Ok(monitor)
@@ -259,6 +261,11 @@ impl Monitor {
                 serde_json::to_value(Reply::Bytes { gpa: addr, hex: hex(&bytes) })
             }
             ControlRequest::Ksym { query } => serde_json::to_value(self.ksym(&query)?),
+            ControlRequest::PatchApply { pid, object, commands, binary, unsafe_mode } => {
+                serde_json::to_value(self.apply_patch(pid, &object, &commands, &binary, unsafe_mode)?)
+            }
+            ControlRequest::PatchList => serde_json::to_value(self.patches()),
+            ControlRequest::PatchRevert { patch } => serde_json::to_value(self.revert_patch(patch)?),
             ControlRequest::Syscall { pid, nr, args } => {
                 let mut a = [0u64; 6];
                 for (d, s) in a.iter_mut().zip(&args) {

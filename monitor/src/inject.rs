@@ -23,8 +23,6 @@ use crate::daemon::Monitor;
 use crate::error::MonitorError;
 use crate::vmi::VmiError;
 
-/// x86-64 kernel stacks are 16 KiB (THREAD_SIZE without KASAN).
-const THREAD_SIZE: u64 = 16 * 1024;
 /// `jmp .` : the thread spins here until the monitor takes it.
 const SPIN: [u8; 2] = [0xeb, 0xfe];
 /// `syscall; jmp .`
@@ -52,11 +50,7 @@ impl Monitor {
                 return Err(VmiError::KernelThread(pid));
             }
             let pgd = v.mm_pgd(p.mm)?;
-            let l = &v.profile.layouts;
-            let ip = l.fields.get("pt_regs.ip").ok_or_else(|| VmiError::Profile("pt_regs.ip".into()))?;
-            let regs_size = l.sizes.get("pt_regs").copied().ok_or_else(|| VmiError::Profile("sizeof(pt_regs)".into()))?;
-            let stack = v.read_field(p.task, &l.task_struct.stack)?;
-            let rip = v.read_field(stack + THREAD_SIZE - regs_size, ip)?;
+            let rip = v.saved_user_rip(p.task)?;
             if rip >> 63 != 0 || rip == 0 {
                 return Err(VmiError::Corrupt(format!("pid {pid}'s saved user RIP {rip:#x} is not a user address")));
             }

@@ -10,6 +10,7 @@ pub mod inject;
 pub mod introspect;
 pub mod paging;
 pub mod patch;
+pub mod patcher;
 pub mod paths;
 pub mod profile;
 pub mod vmi;
