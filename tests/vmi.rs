@@ -79,7 +79,10 @@ fn ps_matches(c: &mut Console, name: &str) {
     let guest = run_in_guest(c, "ps -o pid,ppid,comm", "PS");
     // Right after the guest's ps, freeze the VM and walk its task list.
     dvisor_json(&["pause", "--vm", name]);
-    let ours = dvisor_json(&["ps", "--vm", name]);
+    // --consistent also runs the walk with the translation cache.
+    let ours = dvisor_json(&["ps", "--vm", name, "--consistent"]);
+    let paused = dvisor_json(&["status", "--vm", name]);
+    assert_eq!(paused["vm"]["state"], "paused", "--consistent resumed a VM it had not paused");
     dvisor_json(&["resume", "--vm", name]);
     let guest: BTreeSet<(u64, u64, String)> = guest
         .iter()

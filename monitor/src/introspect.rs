@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::daemon::Monitor;
 use crate::error::MonitorError;
 use crate::guest_memory::GuestMemoryMap;
+use crate::paging;
 use crate::profile::KernelProfile;
 use crate::vmi::{KernelView, Vmi, VmiError, MSR_LSTAR};
 
@@ -23,6 +24,9 @@ pub struct VmiState {
     view: Mutex<Option<(u64, KernelView)>>,
     /// Overrides the vmlinux found beside the VM's kernel.
     pub vmlinux: Option<PathBuf>,
+    /// Translations for `--consistent` sessions, cleared before each one:
+    /// entries never outlive the pause they were made in.
+    cache: Mutex<paging::TranslationCache>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,7 +116,19 @@ impl Monitor {
         };
         let result = self.with_memory(|mem| {
             let view = self.kernel_view(mem, &profile)?;
-            f(&Vmi::with_view(mem, &profile, view)).map_err(vmi_err)
+            let vmi = Vmi::with_view(mem, &profile, view);
+            if !consistent {
+                return f(&vmi).map_err(vmi_err);
+            }
+            let mut cache = self.vmi.cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.clear();
+            let cell = std::cell::RefCell::new(std::mem::take(&mut *cache));
+            let r = f(&vmi.with_cache(&cell)).map_err(vmi_err);
+            let mut used = cell.into_inner();
+            // Dropped before the VM resumes.
+            used.clear();
+            *cache = used;
+            r
         });
         if paused_here {
             let _: serde_json::Value = self.vmm().call(Request::Resume)?;

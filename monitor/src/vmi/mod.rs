@@ -53,6 +53,9 @@ pub struct Vmi<'a, M: PhysRead> {
     pub mem: &'a M,
     pub profile: &'a KernelProfile,
     pub view: KernelView,
+    /// Translations remembered for this session. Only valid while the VM
+    /// stays paused: the guest rewrites its page tables as it runs.
+    cache: Option<&'a std::cell::RefCell<paging::TranslationCache>>,
 }
 
 impl<'a, M: PhysRead> Vmi<'a, M> {
@@ -69,7 +72,7 @@ impl<'a, M: PhysRead> Vmi<'a, M> {
         let mut last = None;
         for pgd in candidates {
             let view = KernelView { slide, kernel_pgd: pgd, la57: mode.la57 };
-            let vmi = Vmi { mem, profile, view };
+            let vmi = Vmi { mem, profile, view, cache: None };
             match paging::translate(mem, pgd, mode, init_task) {
                 Ok(_) => {
                     vmi.check_init_task()?;
@@ -86,7 +89,22 @@ impl<'a, M: PhysRead> Vmi<'a, M> {
 
     /// Re-attaches with a known view (no register reads).
     pub fn with_view(mem: &'a M, profile: &'a KernelProfile, view: KernelView) -> Self {
-        Vmi { mem, profile, view }
+        Vmi { mem, profile, view, cache: None }
+    }
+
+    /// Uses `cache` for translations. The caller must keep the VM paused
+    /// for as long as this session lives and clear the cache on resume.
+    pub fn with_cache(mut self, cache: &'a std::cell::RefCell<paging::TranslationCache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    fn translate_into(&self, pgd: u64, va: u64, buf: &mut [u8]) -> Result<(), VmiError> {
+        match self.cache {
+            Some(c) => paging::read_virt(self.mem, Some(&mut c.borrow_mut()), pgd, self.mode(), va, buf)?,
+            None => paging::read_virt(self.mem, None, pgd, self.mode(), va, buf)?,
+        }
+        Ok(())
     }
 
     pub fn mode(&self) -> PagingMode {
@@ -110,8 +128,7 @@ impl<'a, M: PhysRead> Vmi<'a, M> {
     }
 
     pub fn read_kernel(&self, va: u64, buf: &mut [u8]) -> Result<(), VmiError> {
-        paging::read_virt(self.mem, None, self.view.kernel_pgd, self.mode(), va, buf)?;
-        Ok(())
+        self.translate_into(self.view.kernel_pgd, va, buf)
     }
 
     pub fn read_u64(&self, va: u64) -> Result<u64, VmiError> {
@@ -157,8 +174,7 @@ impl<'a, M: PhysRead> Vmi<'a, M> {
     }
 
     pub fn read_user(&self, pgd: u64, va: u64, buf: &mut [u8]) -> Result<(), VmiError> {
-        paging::read_virt(self.mem, None, pgd, self.mode(), va, buf)?;
-        Ok(())
+        self.translate_into(pgd, va, buf)
     }
 
     fn check_init_task(&self) -> Result<(), VmiError> {
