@@ -20,6 +20,9 @@ pub enum BenchCmd {
     /// VMI: process-list walk vs the guest's own ps, and page-table
     /// translations per second with and without the cache.
     Vmi(crate::bench_vmi::VmiBenchArgs),
+    /// Live patch: pause window for patch sizes 10-100 KiB beside the
+    /// paper's ptrace figures and a service restart.
+    Patch(crate::bench_patch::PatchBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -49,6 +52,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
         BenchCmd::Boot(args) => boot(args),
         BenchCmd::Api(args) => crate::bench_api::api(args),
         BenchCmd::Vmi(args) => crate::bench_vmi::vmi(args),
+        BenchCmd::Patch(args) => crate::bench_patch::patch(args),
     }
 }
 

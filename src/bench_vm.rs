@@ -17,10 +17,20 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Boots the default guest and waits for its shell prompt.
+    /// Boots the default guest (no monitor) and waits for its shell prompt.
     pub fn boot(name: &str) -> anyhow::Result<Vm> {
+        Self::start(name, &["--no-monitor"])
+    }
+
+    /// The same, with the monitor that `dvisor run` starts.
+    pub fn boot_monitored(name: &str) -> anyhow::Result<Vm> {
+        Self::start(name, &[])
+    }
+
+    fn start(name: &str, extra: &[&str]) -> anyhow::Result<Vm> {
         let mut child = Command::new(std::env::current_exe()?)
-            .args(["run", "--no-monitor", "--vcpus", "2", "--name", name])
+            .args(["run", "--vcpus", "2", "--name", name])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

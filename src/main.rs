@@ -1,6 +1,7 @@
 //! The `dvisor` command line: parses arguments and calls the crates.
 mod bench;
 mod bench_api;
+mod bench_patch;
 mod bench_vm;
 mod bench_vmi;
 mod images;

@@ -149,6 +149,13 @@ fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
                 .context("building the default guest image")?
         }
     };
+    // The monitor needs the kernel profile for introspection; building it
+    // here, natively, spares a monitor in the TCG carrier the slow part.
+    if !dvisor_images::carrier::host_has_hardware_kvm() && std::env::var_os("DVISOR_IN_CARRIER").is_none() {
+        if let Err(e) = dvisor_monitor::profile::KernelProfile::load_or_build(&image.vmlinux) {
+            tracing::warn!("kernel profile of {}: {e}", image.vmlinux.display());
+        }
+    }
     Ok((image.kernel, Some(args.initrd.clone().unwrap_or(image.initrd))))
 }
 

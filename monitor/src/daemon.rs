@@ -110,6 +110,8 @@ impl Monitor {
             }
         }
         let listener = bind_control(control)?;
+        let boot = self.memory.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.boot).unwrap_or(0);
+        self.load_patches(control.with_file_name("patches.json"), boot);
         let _cleanup = RemoveOnDrop(control.to_owned());
         {
             let me = self.clone();
@@ -131,6 +133,8 @@ impl Monitor {
                 if let Err(e) = self.remap() {
                     tracing::warn!("remapping guest memory after a reboot: {e}");
                 }
+                let boot = self.memory.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.boot).unwrap_or(0);
+                self.reset_patches(boot);
             }
             {
                 let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());

@@ -12,6 +12,7 @@ pub mod paging;
 pub mod patch;
 pub mod patcher;
 pub mod paths;
+pub mod space;
 pub mod profile;
 pub mod vmi;
 

@@ -7,9 +7,13 @@
 //! every jump, variable and pointer, and resumes. Revert writes the saved
 //! bytes back in one pause and unmaps the space.
 //!
-//! Not yet here: reuse of freed space (the memory-efficient method's free
-//! map), the return-address scan of user stacks, and persistence across
-//! monitor restarts.
+//! Space comes from a per-process free map (`space.rs`): a reverted
+//! patch's bytes are reused by the next one, and only an area that
+//! becomes entirely free is unmapped. The applied patches and the maps are
+//! saved beside the control socket, so a restarted monitor knows them.
+//!
+//! Not yet here: reuse of replaced function bodies, and the return-address
+//! scan of user stacks.
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
@@ -21,10 +25,11 @@ use serde::{Deserialize, Serialize};
 use crate::daemon::Monitor;
 use crate::error::MonitorError;
 use crate::patch::{self, CommandFile, PatchObject, ResolvedAction};
+use crate::space::{Range, SpaceMap};
 use crate::vmi::VmiError;
 
 const PAGE: u64 = 4096;
-/// Where the first patch space is asked for: low, so that rel32 jumps and
+/// Where the first patch area is asked for: low, so that rel32 jumps and
 /// calls reach a non-PIE program at 0x400000.
 const SPACE_HINT: u64 = 0x1000_0000;
 const PROT_RWX: u64 = 7;
@@ -73,10 +78,22 @@ pub struct AppliedPatch {
     pub attempts: u32,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Saved {
+    format: u32,
+    /// Patches live in one boot's processes; another boot starts empty.
+    boot: u64,
+    next_id: u32,
+    applied: Vec<AppliedPatch>,
+    spaces: HashMap<u32, SpaceMap>,
+}
+
+const STATE_FORMAT: u32 = 1;
+
 #[derive(Default)]
 pub struct PatchState {
-    applied: Mutex<Vec<AppliedPatch>>,
-    next_id: Mutex<u32>,
+    state: Mutex<Saved>,
+    file: Mutex<Option<std::path::PathBuf>>,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -192,19 +209,94 @@ impl Monitor {
         let program = patch::target_symbols(&read(binary)?, 0).map_err(patch_err)?;
         patch::check(&obj, &cmds, &program).map_err(patch_err)?;
         // Everything is validated before the guest is touched.
-        let len = (patch::required_size(&obj) as u64).div_ceil(PAGE).max(1) * PAGE;
+        let len = (patch::required_size(&obj) as u64).max(1);
+        let align = obj.required_alignment().max(16);
 
         let t = Instant::now();
-        let space = self.inject_syscall(pid, SYS_MMAP, [SPACE_HINT, len, PROT_RWX, MAP_PRIVATE_ANONYMOUS_POPULATE, u64::MAX, 0])?;
-        if (space as i64) < 0 {
-            return Err(err(format!("mmap in pid {pid} failed with errno {}", -(space as i64))));
-        }
+        let space = self.allocate_space(pid, len, align)?;
         let alloc = t.elapsed();
         let result = self.apply_in(pid, &obj, &cmds, &program, space, len, unsafe_mode, alloc, &obj_name);
         if result.is_err() {
-            let _ = self.inject_syscall(pid, SYS_MUNMAP, [space, len, 0, 0, 0, 0]);
+            let _ = self.release_space(pid, Range { start: space, len });
         }
         result
+    }
+
+    /// Takes `len` bytes from the process's free map, mapping a new area
+    /// (injected mmap) only when no free range fits.
+    fn allocate_space(&self, pid: u32, len: u64, align: u64) -> Result<u64, MonitorError> {
+        if let Some(at) = self.with_space(pid, |m| m.allocate(len, align)) {
+            return Ok(at);
+        }
+        let area_len = len.div_ceil(PAGE) * PAGE;
+        let hint = self.with_space(pid, |m| m.areas.iter().map(Range::end).max()).unwrap_or(SPACE_HINT);
+        let area = self.inject_syscall(pid, SYS_MMAP, [hint, area_len, PROT_RWX, MAP_PRIVATE_ANONYMOUS_POPULATE, u64::MAX, 0])?;
+        if (area as i64) < 0 {
+            return Err(err(format!("mmap in pid {pid} failed with errno {}", -(area as i64))));
+        }
+        self.with_space(pid, |m| {
+            m.add_area(Range { start: area, len: area_len });
+            m.allocate(len, align)
+        })
+        .ok_or_else(|| err("a fresh patch area is too small (alignment)"))
+    }
+
+    /// Returns bytes to the free map and unmaps areas left empty.
+    fn release_space(&self, pid: u32, r: Range) -> Result<(), MonitorError> {
+        for area in self.with_space(pid, |m| m.release(r)) {
+            let rc = self.inject_syscall(pid, SYS_MUNMAP, [area.start, area.len, 0, 0, 0, 0])?;
+            if rc != 0 {
+                return Err(err(format!("munmap of patch area {:#x} failed with errno {}", area.start, -(rc as i64))));
+            }
+        }
+        self.save_patches();
+        Ok(())
+    }
+
+    fn with_space<T>(&self, pid: u32, f: impl FnOnce(&mut SpaceMap) -> T) -> T {
+        let mut s = self.patches.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(s.spaces.entry(pid).or_default())
+    }
+
+    /// The patch space mapped into `pid` (bytes).
+    pub fn patch_space_mapped(&self, pid: u32) -> u64 {
+        self.with_space(pid, |m| m.mapped())
+    }
+
+    /// Where the patch state is kept; loads it if it belongs to `boot`.
+    pub(crate) fn load_patches(&self, file: std::path::PathBuf, boot: u64) {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            match serde_json::from_str::<Saved>(&text) {
+                Ok(s) if s.format == STATE_FORMAT && s.boot == boot => {
+                    tracing::info!("{} applied patches restored from {}", s.applied.len(), file.display());
+                    *self.patches.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
+                }
+                Ok(_) => tracing::info!("{} is from another boot; starting with no patches", file.display()),
+                Err(e) => tracing::warn!("ignoring unreadable {}: {e}", file.display()),
+            }
+        }
+        self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).boot = boot;
+        *self.patches.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+    }
+
+    /// A new boot: the old processes and their patches are gone.
+    pub(crate) fn reset_patches(&self, boot: u64) {
+        *self.patches.state.lock().unwrap_or_else(|p| p.into_inner()) = Saved { boot, ..Saved::default() };
+        self.save_patches();
+    }
+
+    fn save_patches(&self) {
+        let Some(file) = self.patches.file.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+        let mut s = self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        s.format = STATE_FORMAT;
+        let tmp = file.with_extension("json.tmp");
+        let ok = serde_json::to_vec_pretty(&s)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|_| std::fs::rename(&tmp, &file));
+        if let Err(e) = ok {
+            tracing::warn!("saving the patch state to {}: {e}", file.display());
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -282,9 +374,9 @@ impl Monitor {
                     pause_us: us(pause_start.elapsed()),
                 };
                 let id = {
-                    let mut n = self.patches.next_id.lock().unwrap_or_else(|p| p.into_inner());
-                    *n += 1;
-                    *n
+                    let mut st = self.patches.state.lock().unwrap_or_else(|p| p.into_inner());
+                    st.next_id += 1;
+                    st.next_id
                 };
                 let applied = AppliedPatch {
                     id,
@@ -296,7 +388,8 @@ impl Monitor {
                     timing,
                     attempts,
                 };
-                self.patches.applied.lock().unwrap_or_else(|p| p.into_inner()).push(applied.clone());
+                self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).applied.push(applied.clone());
+                self.save_patches();
                 return Ok(applied);
             }
             let _: serde_json::Value = self.vmm().call(Request::Resume)?;
@@ -311,7 +404,7 @@ impl Monitor {
     }
 
     pub fn patches(&self) -> Vec<AppliedPatch> {
-        self.patches.applied.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).applied.clone()
     }
 
     /// Restores every site of patch `id` in one pause and frees its space.
@@ -326,11 +419,8 @@ impl Monitor {
         let written = self.write_process(p.pid, &writes);
         let _: serde_json::Value = self.vmm().call(Request::Resume)?;
         written?;
-        let r = self.inject_syscall(p.pid, SYS_MUNMAP, [p.space, p.space_len, 0, 0, 0, 0])?;
-        if r != 0 {
-            return Err(err(format!("munmap of patch {id}'s space failed with errno {}", -(r as i64))));
-        }
-        self.patches.applied.lock().unwrap_or_else(|p| p.into_inner()).retain(|a| a.id != id);
+        self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).applied.retain(|a| a.id != id);
+        self.release_space(p.pid, Range { start: p.space, len: p.space_len })?;
         Ok(p)
     }
 }

@@ -195,6 +195,11 @@ pub fn rerun_in_carrier(test_name: &str) -> bool {
         return false;
     }
     ensure_image();
+    // Build the kernel profile natively: inside the TCG carrier it would
+    // take the monitor minutes.
+    if let Ok(image) = dvisor_images::current_guest_image() {
+        let _ = dvisor_monitor::profile::KernelProfile::load_or_build(&image.vmlinux);
+    }
     let exe = std::env::current_exe().expect("test executable");
     let st = dvisor()
         .args(["carrier", "--mem", "1536", "--"])
