@@ -144,6 +144,25 @@ impl Monitor {
         self.write_pgd(pgd, writes)
     }
 
+    /// The patch space must be mapped writable page by page: a read-only
+    /// entry there would be a shared page (the zero page, a COW copy), and
+    /// writing it through physical memory would change it for everyone.
+    fn check_private_writable(&self, pid: u32, start: u64, len: u64) -> Result<(), MonitorError> {
+        let (pgd, _) = self.process_handles(pid)?;
+        let mut page = start & !(PAGE - 1);
+        while page < start + len {
+            let t = self.with_vmi(false, |v| Ok(crate::paging::translate(v.mem, pgd, v.mode(), page)?))?;
+            if !t.writable {
+                return Err(err(format!(
+                    "patch space page {page:#x} of pid {pid} is mapped read-only (shared page at {:#x}); refusing to write it",
+                    t.pa
+                )));
+            }
+            page += PAGE;
+        }
+        Ok(())
+    }
+
     fn write_pgd(&self, pgd: u64, writes: &[(u64, Vec<u8>)]) -> Result<(), MonitorError> {
         self.with_vmi(false, |v| {
             for (addr, data) in writes {
@@ -318,6 +337,7 @@ impl Monitor {
         }
         let t = Instant::now();
         if !linked.bytes.is_empty() {
+            self.check_private_writable(pid, space, linked.bytes.len() as u64)?;
             self.write_process(pid, &[(space, linked.bytes.clone())])?;
         }
         let write_patch = t.elapsed();
