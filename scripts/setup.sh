@@ -3,11 +3,16 @@
 #   qemu-system-x86  the carrier VM (hosts without VT-x/AMD-V) and the boot benchmark
 #   gcc, libc6-dev   build the demo service (static) into the guest image
 #   apt, dpkg        fetch and unpack the Debian kernel and busybox packages
+#   iproute2, procps, binutils
+#                    the tests: tap devices (ip), kill, and nm for program symbols
 set -euo pipefail
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v gcc >/dev/null || need+=(gcc)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
+command -v ip >/dev/null || need+=(iproute2)
+command -v kill >/dev/null && [ -x /usr/bin/kill ] || need+=(procps)
+command -v nm >/dev/null || need+=(binutils)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 # The image build resolves packages with apt-cache and downloads them with
