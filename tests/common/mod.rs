@@ -201,13 +201,23 @@ pub fn rerun_in_carrier(test_name: &str) -> bool {
         let _ = dvisor_monitor::profile::KernelProfile::load_or_build(&image.vmlinux);
     }
     let exe = std::env::current_exe().expect("test executable");
-    let st = dvisor()
-        .args(["carrier", "--mem", "1536", "--"])
-        .arg(exe)
-        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
-        .env("DVISOR_IN_CARRIER", "1")
-        .status()
-        .expect("run the test inside the carrier");
+    let run = || {
+        dvisor()
+            .args(["carrier", "--mem", "1536", "--"])
+            .arg(&exe)
+            .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+            .env("DVISOR_IN_CARRIER", "1")
+            .status()
+            .expect("run the test inside the carrier")
+    };
+    let mut st = run();
+    // Status 2 is `dvisor carrier` itself failing: the carrier VM died
+    // without reporting (seen: a soft lockup of its KVM, nested on TCG,
+    // docs/carrier.md). A failing test exits 101 and is never retried.
+    if st.code() == Some(2) {
+        eprintln!("NOTE: the carrier VM died under {test_name} (not a test failure); running it once more");
+        st = run();
+    }
     assert!(st.success(), "{test_name} failed inside the carrier ({st})");
     true
 }
