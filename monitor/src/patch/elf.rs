@@ -50,23 +50,8 @@ const SHDR_SIZE: u64 = 64;
 /// Longest symbol or section name read; longer ones are cut (not an error).
 const MAX_NAME: usize = 1024;
 
-pub fn slice(data: &[u8], off: u64, len: u64) -> Option<&[u8]> {
-    let start = usize::try_from(off).ok()?;
-    let end = start.checked_add(usize::try_from(len).ok()?)?;
-    data.get(start..end)
-}
-
-pub fn u16_at(data: &[u8], off: u64) -> Option<u16> {
-    Some(u16::from_le_bytes(slice(data, off, 2)?.try_into().ok()?))
-}
-
-pub fn u32_at(data: &[u8], off: u64) -> Option<u32> {
-    Some(u32::from_le_bytes(slice(data, off, 4)?.try_into().ok()?))
-}
-
-pub fn u64_at(data: &[u8], off: u64) -> Option<u64> {
-    Some(u64::from_le_bytes(slice(data, off, 8)?.try_into().ok()?))
-}
+// The same bounds-checked readers the kernel profile uses.
+pub(crate) use crate::profile::bytes::{slice, u16_at, u32_at, u64_at};
 
 /// The NUL-terminated string at `off` in a string table (at most
 /// `MAX_NAME` bytes; invalid UTF-8 is replaced, never an error).

@@ -56,19 +56,9 @@ pub fn cache_file_beside(vmlinux: &Path) -> PathBuf {
 pub fn fallback_cache_file(vmlinux: &Path) -> PathBuf {
     let abs = std::fs::canonicalize(vmlinux).unwrap_or_else(|_| vmlinux.to_path_buf());
     let key = bytes::hex(&Sha256::digest(abs.as_os_str().as_encoded_bytes()));
-    cache_root().join("profiles").join(format!("{}.json", &key[..32]))
+    dvisor_images::cache_root().join("profiles").join(format!("{}.json", &key[..32]))
 }
 
-fn cache_root() -> PathBuf {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(dir) = env("DVISOR_CACHE_DIR") {
-        return dir;
-    }
-    if let Some(dir) = env("XDG_CACHE_HOME") {
-        return dir.join("dvisor");
-    }
-    env("HOME").unwrap_or_else(|| PathBuf::from("/root")).join(".cache").join("dvisor")
-}
 
 pub fn load_or_build(vmlinux: &Path) -> Result<KernelProfile, ProfileError> {
     load_or_build_at(vmlinux, &[cache_file_beside(vmlinux), fallback_cache_file(vmlinux)])

@@ -4,7 +4,7 @@
 //! (docs/vmi-profile.md). Addresses are those of the unslid image; add
 //! the KASLR slide for a live guest.
 pub mod btf;
-mod bytes;
+pub(crate) mod bytes;
 mod cache;
 pub mod elf;
 pub mod error;
