@@ -170,6 +170,18 @@ impl Console {
 
 impl Drop for Console {
     fn drop(&mut self) {
+        // A test that fails on something other than the console (a CLI
+        // call, an assertion) still shows what the guest and the VMM said
+        // last: a VMM that died prints its reason there.
+        if std::thread::panicking() {
+            let _ = self.child.try_wait();
+            std::thread::sleep(Duration::from_millis(300));
+            let tail: Vec<_> = {
+                let g = self.shared.0.lock().unwrap();
+                g.lines.iter().rev().take(40).rev().cloned().collect()
+            };
+            eprintln!("--- console tail ---\n{}\n--- dvisor run stderr ---\n{}", tail.join("\n"), self.stderr());
+        }
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
