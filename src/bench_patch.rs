@@ -15,6 +15,8 @@ use serde::Serialize;
 /// about linearly, so it is interpolated for the other sizes.
 const PAPER_10K_MS: f64 = 1.409;
 const PAPER_100K_MS: f64 = 12.519;
+/// The service beats every 100 ms; a generous wait for the next beat.
+const BEAT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Args)]
 pub struct PatchBenchArgs {
@@ -40,15 +42,7 @@ fn paper_ms(kib: u64) -> f64 {
 /// A patch of get_message whose object carries `kib` KiB of code and data.
 fn build_patch(dir: &Path, kib: u64) -> anyhow::Result<std::path::PathBuf> {
     let src = dir.join(format!("p{kib}.c"));
-    // The padding is real code (a long function) and read-only data the
-    // patch function touches, so the linker keeps both.
-    let words = kib * 1024 / 2 / 8;
-    let text = format!(
-        "static const unsigned long pad[{words}] = {{1}};\n\
-         __attribute__((noinline, used)) unsigned long filler(unsigned long x) {{\n{}  return x;\n}}\n\
-         const char *patched_get_message(void) {{ return pad[0] + filler(0) ? \"v2\" : \"v2\"; }}\n",
-        "  __asm__ volatile(\".fill 512, 1, 0x90\");\n".repeat((kib * 1024 / 2 / 512) as usize)
-    );
+    let text = dvisor_monitor::patch::sized_patch_source(kib);
     std::fs::write(&src, text)?;
     let obj = dir.join(format!("p{kib}.o"));
     let st = Command::new("gcc")
@@ -100,8 +94,14 @@ pub fn patch(args: PatchBenchArgs) -> anyhow::Result<i32> {
             ])?;
             let pause_ms = a["timing"]["pause_us"].as_f64().unwrap_or(0.0) / 1e3;
             let write_patch_ms = a["timing"]["write_patch_us"].as_f64().unwrap_or(0.0) / 1e3;
+            // A pause means nothing if the patch does not work: the
+            // service must beat "v2" now, and "v1" again after the revert.
+            vm.wait_line_within(BEAT, |l| l.contains("heartbeat ") && l.ends_with(" v2"))
+                .with_context(|| format!("no v2 heartbeat after the {kib} KiB patch"))?;
             let id = a["id"].as_u64().unwrap_or(0).to_string();
             json(&["patch", "revert", "--vm", &name, &id])?;
+            vm.wait_line_within(BEAT, |l| l.contains("heartbeat ") && l.ends_with(" v1"))
+                .with_context(|| format!("no v1 heartbeat after reverting the {kib} KiB patch"))?;
             rows.push(Row { kib, pause_ms, write_patch_ms, paper_ms: paper_ms(kib), ratio: paper_ms(kib) / pause_ms });
         }
         // The baseline: restart the service and wait until it beats again.
@@ -123,9 +123,13 @@ pub fn patch(args: PatchBenchArgs) -> anyhow::Result<i32> {
     for r in &rows {
         println!("{:>4} KiB {:>11.2} {:>16.2} {:>17.3} {:>7.2}x", r.kib, r.pause_ms, r.write_patch_ms, r.paper_ms, r.ratio);
     }
+    let mut pauses: Vec<f64> = rows.iter().map(|r| r.pause_ms).collect();
+    pauses.sort_by(f64::total_cmp);
+    let median = pauses.get(pauses.len() / 2).copied().unwrap_or(f64::NAN);
     println!(
-        "baseline: restarting the service (kill to first heartbeat, timed from the host) {:.0} ms",
-        restart.as_secs_f64() * 1e3
+        "baseline: restarting the service (kill to first heartbeat, timed from the host) {:.0} ms, {:.0}x the median pause ({median:.2} ms)",
+        restart.as_secs_f64() * 1e3,
+        restart.as_secs_f64() * 1e3 / median
     );
     println!("(write patch happens before the pause, while the guest runs; paper figures: ptrace on hardware, ours: inside the TCG carrier)");
     Ok(0)

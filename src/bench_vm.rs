@@ -52,7 +52,12 @@ impl Vm {
 
     /// Waits for a console line matching `pred`; returns it.
     pub fn wait_line(&mut self, pred: impl Fn(&str) -> bool) -> anyhow::Result<String> {
-        let deadline = Instant::now() + STEP;
+        self.wait_line_within(STEP, pred)
+    }
+
+    /// The same, giving up after `limit`.
+    pub fn wait_line_within(&mut self, limit: Duration, pred: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+        let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {

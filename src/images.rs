@@ -72,6 +72,8 @@ pub fn run_image(cmd: ImageCmd) -> anyhow::Result<i32> {
                     "disk": img.disk,
                     "service_binary": img.service_binary,
                     "service_guest_path": m.service_guest_path,
+                    "programs": img.programs,
+                    "patches_dir": img.patches_dir,
                     "kernel_release": img.kernel_release,
                     "default_cmdline": m.default_cmdline,
                     "manifest": m,

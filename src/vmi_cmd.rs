@@ -214,7 +214,7 @@ pub struct PatchApplyArgs {
     /// The command file.
     #[arg(long, value_name = "FILE")]
     pub commands: std::path::PathBuf,
-    /// The target program's ELF with symbols [default: the guest image's demo service].
+    /// The target program's ELF with symbols [default: the image's host copy of the program the process runs].
     #[arg(long, value_name = "FILE")]
     pub binary: Option<std::path::PathBuf>,
     /// Do not check that no thread is inside a replaced function.
@@ -237,6 +237,26 @@ pub struct PatchRevertArgs {
     pub target: Target,
 }
 
+/// The host copy of the program `proc` runs, when the guest image built it.
+fn default_binary(proc: &Process) -> anyhow::Result<std::path::PathBuf> {
+    if proc.kernel_thread {
+        anyhow::bail!("pid {} ({}) is a kernel thread: only user processes can be patched", proc.pid, proc.comm);
+    }
+    let image = dvisor_images::current_guest_image()?;
+    match image.program(&proc.exe) {
+        Some(p) => Ok(p.to_owned()),
+        None if proc.exe.is_empty() => anyhow::bail!(
+            "cannot tell which program pid {} runs: pass its ELF with symbols as --binary",
+            proc.pid
+        ),
+        None => anyhow::bail!(
+            "pid {} runs {}, which the guest image did not build: pass its ELF with symbols as --binary",
+            proc.pid,
+            proc.exe
+        ),
+    }
+}
+
 fn absolute(p: &std::path::Path) -> std::path::PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
 }
@@ -246,22 +266,26 @@ pub fn patch(cmd: PatchCmd) -> anyhow::Result<i32> {
     match cmd {
         PatchCmd::Apply(a) => {
             let mut c = a.target.connect()?;
-            let pid = match (a.pid, &a.comm) {
-                (Some(p), _) => p,
+            let procs: Vec<Process> = c.call(ControlRequest::Ps { consistent: false })?;
+            let proc = match (a.pid, &a.comm) {
+                (Some(pid), _) => procs
+                    .iter()
+                    .find(|p| p.pid == pid)
+                    .ok_or_else(|| anyhow::anyhow!("no process {pid} in the guest (see `dvisor ps`)"))?,
                 (None, Some(comm)) => {
-                    let procs: Vec<Process> = c.call(ControlRequest::Ps { consistent: false })?;
                     let m: Vec<_> = procs.iter().filter(|p| &p.comm == comm && !p.kernel_thread).collect();
                     match m[..] {
-                        [p] => p.pid,
+                        [p] => p,
                         [] => anyhow::bail!("no process named {comm:?} in the guest (see `dvisor ps`)"),
                         _ => anyhow::bail!("{} processes are named {comm:?}: pick one with --pid", m.len()),
                     }
                 }
                 (None, None) => anyhow::bail!("give --pid or --comm"),
             };
+            let pid = proc.pid;
             let binary = match &a.binary {
                 Some(b) => b.clone(),
-                None => dvisor_images::current_guest_image()?.service_binary,
+                None => default_binary(proc)?,
             };
             let req = ControlRequest::PatchApply {
                 pid,

@@ -9,24 +9,16 @@
 //! kind of host it runs inside the carrier (see common::rerun_in_carrier).
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{dvisor_json, dvisor_out, heartbeat, Console};
 use dvisor_monitor::VmmClient;
 use dvisor_vmm::api::protocol::{DebugReason, Event, EventKind, Request};
 
-const TAP: &str = "dvtap0";
-const HOST_IP: &str = "10.0.2.1/24";
-const GUEST_IP: &str = "10.0.2.15";
-
-fn sh(cmd: &str) {
-    let st = Command::new("sh").args(["-c", cmd]).status().expect("run sh");
-    assert!(st.success(), "`{cmd}` failed");
-}
+use common::{GUEST_IP, HOST_IP, TAP};
 
 /// Heartbeat counters seen on the console from line `from` on.
 fn beats(c: &Console, from: usize) -> Vec<u64> {
@@ -42,12 +34,7 @@ fn monitored_guest() {
     if common::rerun_in_carrier("monitored_guest") {
         return;
     }
-    // Our own network namespace: the tap and its address vanish with it.
-    // SAFETY: unshare affects only this thread (and what it spawns).
-    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET) needs root");
-    sh(&format!(
-        "ip link set lo up && ip tuntap add dev {TAP} mode tap && ip addr add {HOST_IP} dev {TAP} && ip link set {TAP} up"
-    ));
+    common::own_netns_with_tap(TAP, HOST_IP);
     let name = format!("mg{}", std::process::id());
     let vm = ["--vm", name.as_str()];
     let cmdline = format!("console=ttyS0 quiet dvisor.ip={GUEST_IP}/24");
@@ -66,7 +53,7 @@ fn monitored_guest() {
     assert!(devices.iter().any(|d| d["name"] == "eth0" && d["kind"] == "virtio-net"), "{status}");
 
     // --- the host fetches the service's answer over virtio-net
-    let answer = fetch(&format!("{GUEST_IP}:8080"));
+    let answer = common::fetch(&format!("{GUEST_IP}:8080"));
     assert!(answer.starts_with("counter=") && answer.contains("message=v1"), "service answered {answer:?}");
     let stats = dvisor_json(&["stats", "--vm", &name]);
     let eth0 = stats["devices"].as_array().unwrap().iter().find(|d| d["name"] == "eth0").unwrap().clone();
@@ -115,7 +102,7 @@ fn monitored_guest() {
     let old_pid = wait_status(&vm)["monitor_pid"].as_u64().unwrap();
     let mark = c.line_count();
     let from_beat = beats(&c, 0).into_iter().max().unwrap_or(0);
-    sh(&format!("kill -KILL {old_pid}"));
+    common::sh(&format!("kill -KILL {old_pid}"));
     let (ok, _, err) = dvisor_out(&["status", "--vm", &name]);
     assert!(!ok && err.contains("no monitor serves"), "status without a monitor: {err}");
     let gone = wait_beat_after(&c, mark, from_beat + 5);
@@ -226,16 +213,6 @@ fn wait_status(vm: &[&str]) -> serde_json::Value {
         assert!(Instant::now() < deadline, "no monitor answered: {err}");
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn fetch(addr: &str) -> String {
-    let mut s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let _ = s.write_all(b"GET\n");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    answer
 }
 
 /// Sends malformed, oversized and out-of-range requests straight to the

@@ -30,6 +30,62 @@ fn last_beat(c: &Console) -> (u64, String) {
     c.lines().iter().rev().find_map(|l| heartbeat(l)).expect("a heartbeat")
 }
 
+/// Boots a 2-vCPU guest named `name` with its monitor; returns once the
+/// shell prompt is there and the monitor answers.
+fn boot(name: &str, extra: &[&str]) -> Console {
+    let mut args = vec!["--vcpus", "2", "--name", name];
+    args.extend_from_slice(extra);
+    let c = Console::start(&args);
+    let shell = c.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
+    c.wait_prompt(shell, "guest# ");
+    let deadline = Instant::now() + common::STEP_TIMEOUT;
+    while !dvisor_out(&["status", "--vm", name]).0 {
+        assert!(Instant::now() < deadline, "no monitor");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    c
+}
+
+/// The guest's own md5sum of `path`, typed at its shell.
+fn guest_md5(c: &mut Console, path: &str) -> String {
+    let mark = c.line_count();
+    c.type_line(&format!("md5sum {path}"));
+    let i = c.wait_for(mark, "md5sum's answer", |l| l.trim_end().ends_with(&format!("  {path}")) && !l.contains("md5sum "));
+    c.lines()[i].split_whitespace().next().unwrap().to_string()
+}
+
+/// Steady requests to the service from the host, one after another, until
+/// stopped: how many were answered, and every failure.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, Vec<String>)>,
+}
+
+impl Load {
+    fn start() -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let addr = format!("{}:8080", common::GUEST_IP);
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                match common::try_fetch(&addr, std::time::Duration::from_secs(30)) {
+                    Ok(a) if a.starts_with("counter=") => ok += 1,
+                    Ok(a) => failed.push(format!("odd answer {a:?}")),
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        });
+        Load { stop, thread }
+    }
+
+    fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 #[test]
 fn live_patch_the_running_service() {
     if common::rerun_in_carrier("live_patch_the_running_service") {
@@ -41,15 +97,10 @@ fn live_patch_the_running_service() {
     compile(&samples().join("v2.c"), &v2);
     let v2_cmd = samples().join("v2.cmd");
 
+    common::own_netns_with_tap(common::TAP, common::HOST_IP);
     let name = format!("pt{}", std::process::id());
-    let c = Console::start(&["--vcpus", "2", "--name", &name]);
-    let shell = c.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
-    c.wait_prompt(shell, "guest# ");
-    let deadline = Instant::now() + common::STEP_TIMEOUT;
-    while !dvisor_out(&["status", "--vm", &name]).0 {
-        assert!(Instant::now() < deadline, "no monitor");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    let cmdline = format!("console=ttyS0 quiet dvisor.ip={}/24", common::GUEST_IP);
+    let mut c = boot(&name, &["--net", &format!("tap={}", common::TAP), "--cmdline", &cmdline]);
     let pid = service_pid(&c);
     let p = pid.to_string();
     let code_before = dvisor_json(&["mem", "--vm", &name, &p, "0x401850", "16"]);
@@ -77,7 +128,11 @@ fn live_patch_the_running_service() {
     assert_eq!(dvisor_json(&["mem", "--vm", &name, &p, "0x401850", "16"]), code_before, "refused patches changed code");
     assert_eq!(dvisor_json(&["maps", "--vm", &name, &p]).as_array().unwrap().len(), maps_before);
 
-    // --- v1 -> v2, same process, state kept
+    // --- v1 -> v2, same process, state kept, clients served throughout,
+    // and the program file in the guest untouched (the patched code pages
+    // are the process's own copies, not the file's page cache)
+    let sum_before = guest_md5(&mut c, "/usr/bin/demo-service");
+    let load = Load::start();
     let (before, msg) = last_beat(&c);
     assert_eq!(msg, "v1");
     let mark = c.line_count();
@@ -99,6 +154,7 @@ fn live_patch_the_running_service() {
     let list = dvisor_json(&["patch", "list", "--vm", &name]);
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["sites"][0]["target"], "get_message");
+    assert_eq!(guest_md5(&mut c, "/usr/bin/demo-service"), sum_before, "patching the process changed the program file");
 
     // --- the free map: a second patch applied and reverted 20 times
     // reuses the space; the mapped patch memory never grows
@@ -131,6 +187,10 @@ fn live_patch_the_running_service() {
         }
     }
     assert_eq!(patch_space(), after_first, "patch memory grew over 20 cycles");
+    let (served, failed) = load.stop();
+    eprintln!("requests during the patches: {served} answered, {} failed", failed.len());
+    assert!(failed.is_empty(), "requests failed while patching: {failed:?}");
+    assert!(served >= 20, "the load barely ran ({served} requests)");
 
     // --- the monitor restarts: it still knows the applied patch
     let old = dvisor_json(&["status", "--vm", &name])["monitor_pid"].as_u64().unwrap();
@@ -160,10 +220,78 @@ fn live_patch_the_running_service() {
     assert_eq!(dvisor_json(&["maps", "--vm", &name, &p]).as_array().unwrap().len(), maps_before, "patch space not freed");
     assert!(dvisor_json(&["patch", "list", "--vm", &name]).as_array().unwrap().is_empty());
 
-    let mut c = c;
     c.type_line("poweroff -f");
     assert!(c.wait_exit().success(), "{}", c.stderr());
     // The restarted monitor leaves with the VMM.
     assert!(monitor.wait().unwrap().success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// spin-demo (a static-pie program in the image) holds its thread inside
+/// spin_here(), then inside wait_here() (asleep, with a return address
+/// into it on its stack), then lets go. Safe mode refuses a patch of the
+/// function the thread is in, and applies it once the thread has left; the
+/// patch resolves against the PIE's load base seen in the guest.
+#[test]
+fn safe_mode_waits_for_threads_to_leave() {
+    if common::rerun_in_carrier("safe_mode_waits_for_threads_to_leave") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dvisor-spin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let patch = |name: &str, src: &str, cmd: &str| -> (String, String) {
+        let (c_file, o_file, cmd_file) = (dir.join(format!("{name}.c")), dir.join(format!("{name}.o")), dir.join(format!("{name}.cmd")));
+        std::fs::write(&c_file, src).unwrap();
+        std::fs::write(&cmd_file, cmd).unwrap();
+        compile(&c_file, &o_file);
+        (o_file.to_str().unwrap().to_string(), cmd_file.to_str().unwrap().to_string())
+    };
+    let spin2 = patch("spin2", "const char *patched_spin_here(void) { return \"spin v2\"; }\n", "J spin_here patched_spin_here\n");
+    let wait2 = patch("wait2", "void patched_wait_here(void) { }\n", "J wait_here patched_wait_here\n");
+
+    let name = format!("sp{}", std::process::id());
+    let mut c = boot(&name, &[]);
+    let mark = c.line_count();
+    c.type_line("spin-demo &");
+    let at = c.wait_for(mark, "spin-demo spinning", |l| l.contains("spin-demo pid=") && l.contains("spinning"));
+    let pid: String = c.lines()[at].split("pid=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let maps_before = dvisor_json(&["maps", "--vm", &name, &pid]).as_array().unwrap().len();
+    let apply = |(obj, cmd): &(String, String)| {
+        dvisor_out(&["patch", "apply", "--vm", &name, "--comm", "spin-demo", "--object", obj, "--commands", cmd, "--json"])
+    };
+
+    // --- its thread executes inside spin_here: refused, nothing changed
+    let (ok, _, err) = apply(&spin2);
+    assert!(!ok, "a patch of the function a thread spins in was applied");
+    assert!(err.contains("executing inside spin_here"), "{err}");
+    eprintln!("refused as expected: {err}");
+    assert!(dvisor_json(&["patch", "list", "--vm", &name]).as_array().unwrap().is_empty());
+    assert_eq!(dvisor_json(&["maps", "--vm", &name, &pid]).as_array().unwrap().len(), maps_before, "a refused patch left space mapped");
+
+    // --- it left spin_here for wait_here (asleep in usleep, returning
+    // into wait_here): wait_here is refused, spin_here now goes
+    let mark = c.line_count();
+    c.type_line(&format!("kill -USR1 {pid}"));
+    c.wait_for(mark, "spin-demo leaving spin_here", |l| l.contains("spin-demo left spin_here"));
+    let (ok, _, err) = apply(&wait2);
+    assert!(!ok, "a patch of a function with a return address on the stack was applied");
+    assert!(err.contains("return into wait_here"), "{err}");
+    eprintln!("refused as expected: {err}");
+    let (ok, out, err) = apply(&spin2);
+    assert!(ok, "spin_here, left by its thread, was refused: {err}");
+    let applied: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(applied["sites"][0]["target"], "spin_here");
+
+    // --- it left wait_here too: the patched spin_here runs (the PIE's
+    // load base was right), and wait_here can be patched now
+    let mark = c.line_count();
+    c.type_line(&format!("kill -USR2 {pid}"));
+    c.wait_for(mark, "spin-demo saying spin v2", |l| l.contains("spin-demo says spin v2"));
+    let (ok, _, err) = apply(&wait2);
+    assert!(ok, "wait_here, left by its thread, was refused: {err}");
+    assert_eq!(dvisor_json(&["patch", "list", "--vm", &name]).as_array().unwrap().len(), 2);
+
+    c.type_line("poweroff -f");
+    assert!(c.wait_exit().success(), "{}", c.stderr());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -17,7 +17,8 @@ use crate::{kernel_payload, modules, service};
 
 /// Bump when the image layout or build steps change: it is in the content key.
 /// 2: evdev + dvisor-boot-modules, /usr/bin/evread, /sbin/load-modules.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: /usr/bin/spin-demo (static-pie), `programs`, sample patches.
+pub const FORMAT_VERSION: u32 = 3;
 pub const MANIFEST_FORMAT: &str = "dvisor-guest-image";
 pub const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// The kernel command line the VMM should use by default.
@@ -40,6 +41,8 @@ const F_VMLINUX: &str = "vmlinux";
 const F_INITRD: &str = "initrd.cpio";
 const F_DISK: &str = "disk.raw";
 const F_SERVICE: &str = "demo-service";
+const F_SPIN: &str = "spin-demo";
+const D_PATCHES: &str = "patches";
 const F_MANIFEST: &str = "manifest.json";
 
 /// A built guest image, as the VMM and the monitor use it.
@@ -54,7 +57,21 @@ pub struct GuestImage {
     pub disk: PathBuf,
     /// Host copy of the demo service ELF (with symbols) that runs in the guest.
     pub service_binary: PathBuf,
+    /// Host copies of the image's own programs, by their path in the guest
+    /// (what the patcher resolves a process's executable to).
+    pub programs: BTreeMap<String, PathBuf>,
+    /// The sample patches of the demo service: `<name>.o`, `<name>.cmd`
+    /// and the C source.
+    pub patches_dir: PathBuf,
     pub kernel_release: String,
+}
+
+impl GuestImage {
+    /// The host copy of the program at `guest_path` in the guest, if the
+    /// image built it.
+    pub fn program(&self, guest_path: &str) -> Option<&Path> {
+        self.programs.get(guest_path).map(PathBuf::as_path)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -87,6 +104,11 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileEntry>,
     /// Path of the demo service inside the guest.
     pub service_guest_path: String,
+    /// Path in the guest → file in the image dir, for every program the
+    /// image built (with symbols, for the patcher).
+    pub programs: BTreeMap<String, String>,
+    /// Sample patch names: `patches/<name>.o` with `patches/<name>.cmd`.
+    pub sample_patches: Vec<String>,
     pub default_cmdline: String,
     /// Modules shipped under /lib/modules/<release>/: the virtio set in load
     /// order, then the boot modules not already in it.
@@ -113,6 +135,10 @@ fn recipe_key() -> String {
         service::GCC_FLAGS.join(" ").as_bytes(),
         service::EVREAD_SOURCE.as_bytes(),
         service::EVREAD_GCC_FLAGS.join(" ").as_bytes(),
+        service::SPIN_SOURCE.as_bytes(),
+        service::SPIN_GCC_FLAGS.join(" ").as_bytes(),
+        service::PATCH_GCC_FLAGS.join(" ").as_bytes(),
+        &service::SAMPLE_PATCHES.iter().flat_map(|p| [p.name, p.source, p.commands]).collect::<String>().into_bytes(),
         INIT_SCRIPT.as_bytes(),
         LOADER_SCRIPT.as_bytes(),
         VIRTIO_MODULES.join(",").as_bytes(),
@@ -162,10 +188,16 @@ pub fn build_guest_image(opts: &BuildOptions) -> Result<GuestImage, ImageError> 
     std::fs::write(out.join(F_VMLINUX), &vmlinux).at(out.join(F_VMLINUX))?;
     drop((image_bytes, vmlinux));
 
-    progress.step("compiling the demo service and evread (gcc -static)");
+    progress.step("compiling the demo service, evread and spin-demo (gcc -static), and the sample patches");
     service::compile(&work, &out.join(F_SERVICE))?;
     let evread_bin = work.join("evread");
     service::compile_evread(&work, &evread_bin)?;
+    service::compile_spin(&work, &out.join(F_SPIN))?;
+    let patches = out.join(D_PATCHES);
+    std::fs::create_dir_all(&patches).at(&patches)?;
+    for sample in service::SAMPLE_PATCHES {
+        service::compile_sample(&work, sample, &patches)?;
+    }
 
     progress.step(format!("resolving modules {}, {}", VIRTIO_MODULES.join(", "), BOOT_MODULES.join(", ")));
     let mods = modules::resolve(&pkgs.kernel.modules_dir, VIRTIO_MODULES)?;
@@ -184,6 +216,8 @@ pub fn build_guest_image(opts: &BuildOptions) -> Result<GuestImage, ImageError> 
     w.file(service::GUEST_PATH, 0o755, &svc).map_err(io)?;
     let evread = std::fs::read(&evread_bin).at(&evread_bin)?;
     w.file(service::EVREAD_GUEST_PATH, 0o755, &evread).map_err(io)?;
+    let spin = std::fs::read(out.join(F_SPIN)).at(out.join(F_SPIN))?;
+    w.file(service::SPIN_GUEST_PATH, 0o755, &spin).map_err(io)?;
     let release = pkgs.kernel.release.clone();
     base::add_modules(&mut w, &release, &mods, &format!("lib/modules/{release}/{VIRTIO_LIST}"), "")?;
     // Each module file goes in once; both lists name theirs in load order.
@@ -204,7 +238,14 @@ pub fn build_guest_image(opts: &BuildOptions) -> Result<GuestImage, ImageError> 
     std::fs::File::create(&disk).and_then(|f| f.set_len(DISK_SIZE)).at(&disk)?;
 
     let mut files = BTreeMap::new();
-    for (role, fname) in [("kernel", F_KERNEL), ("vmlinux", F_VMLINUX), ("initrd", F_INITRD), ("disk", F_DISK), ("service_binary", F_SERVICE)] {
+    for (role, fname) in [
+        ("kernel", F_KERNEL),
+        ("vmlinux", F_VMLINUX),
+        ("initrd", F_INITRD),
+        ("disk", F_DISK),
+        ("service_binary", F_SERVICE),
+        ("spin_demo", F_SPIN),
+    ] {
         let p = out.join(fname);
         let size = std::fs::metadata(&p).at(&p)?.len();
         files.insert(role.to_string(), FileEntry { name: fname.to_string(), size, sha256: cache::sha256_file(&p)? });
@@ -220,6 +261,11 @@ pub fn build_guest_image(opts: &BuildOptions) -> Result<GuestImage, ImageError> 
         busybox_banner: banner,
         files,
         service_guest_path: service::GUEST_PATH.into(),
+        programs: [(service::GUEST_PATH, F_SERVICE), (service::SPIN_GUEST_PATH, F_SPIN)]
+            .into_iter()
+            .map(|(g, f)| (g.to_string(), f.to_string()))
+            .collect(),
+        sample_patches: service::SAMPLE_PATCHES.iter().map(|p| p.name.to_string()).collect(),
         default_cmdline: DEFAULT_CMDLINE.into(),
         modules: mods.iter().chain(&extra).map(|m| m.name.clone()).collect(),
         boot_modules: boot_mods.iter().map(|m| m.name.clone()).collect(),
@@ -263,8 +309,18 @@ pub fn load(dir: &Path) -> Result<GuestImage, ImageError> {
         }
         Ok(p)
     };
+    let mut programs = BTreeMap::new();
+    for (guest_path, name) in &m.programs {
+        let p = dir.join(name);
+        if !p.is_file() {
+            return Err(ImageError::BadManifest { path: dir.join(F_MANIFEST), reason: format!("{} is missing", p.display()) });
+        }
+        programs.insert(guest_path.clone(), p);
+    }
     Ok(GuestImage {
         dir: dir.to_path_buf(),
+        programs,
+        patches_dir: dir.join(D_PATCHES),
         kernel: file("kernel")?,
         vmlinux: file("vmlinux")?,
         initrd: file("initrd")?,

@@ -2,7 +2,11 @@
 //! build time with `gcc -static`:
 //! - the demo service: a static, non-PIE ELF with symbols (the patcher needs
 //!   fixed addresses and the symbol table);
-//! - `evread`, a tiny evdev key reader (`/usr/bin/evread`).
+//! - `evread`, a tiny evdev key reader (`/usr/bin/evread`);
+//! - `spin-demo`, a static-pie program whose thread sits inside functions
+//!   on demand (the patcher's safety checks and PIE load base);
+//! - the sample live patches of the demo service (`guest-images/patches`),
+//!   compiled into patch objects for the host side.
 
 use std::path::Path;
 
@@ -19,6 +23,44 @@ pub const EVREAD_SOURCE: &str = include_str!("../service/evread.c");
 pub const EVREAD_GUEST_PATH: &str = "/usr/bin/evread";
 pub const EVREAD_GCC_FLAGS: &[&str] = &["-static", "-O2", "-s", "-Wall", "-Wextra"];
 
+pub const SPIN_SOURCE: &str = include_str!("../service/spin-demo.c");
+/// Where spin-demo lives inside the guest.
+pub const SPIN_GUEST_PATH: &str = "/usr/bin/spin-demo";
+/// Position-independent on purpose: its load base differs on every run.
+pub const SPIN_GCC_FLAGS: &[&str] = &["-static-pie", "-fpie", "-O2", "-g", "-Wall", "-Wextra"];
+
+/// The flags docs/patching.md gives for patch objects.
+pub const PATCH_GCC_FLAGS: &[&str] =
+    &["-c", "-O2", "-fpic", "-fno-asynchronous-unwind-tables", "-ffunction-sections", "-fdata-sections", "-Wall"];
+
+/// A sample patch of the demo service: the object compiled from `source`
+/// and its command file, shipped as `patches/<name>.o` and `<name>.cmd`.
+pub struct SamplePatch {
+    pub name: &'static str,
+    pub source_file: &'static str,
+    pub source: &'static str,
+    pub commands: &'static str,
+}
+
+macro_rules! sample {
+    ($name:literal, $source:literal, $commands:literal) => {
+        SamplePatch {
+            name: $name,
+            source_file: $source,
+            source: include_str!(concat!("../patches/", $source)),
+            commands: include_str!(concat!("../patches/", $commands)),
+        }
+    };
+}
+
+pub const SAMPLE_PATCHES: &[SamplePatch] = &[
+    sample!("v2", "v2.c", "v2.cmd"),
+    sample!("fix", "fix.c", "fix.cmd"),
+    sample!("var", "empty.c", "var.cmd"),
+    sample!("ptr", "ptr.c", "ptr.cmd"),
+    sample!("callback", "callback.c", "callback.cmd"),
+];
+
 /// Compiles the demo service into `out` (work files go into `work`).
 pub fn compile(work: &Path, out: &Path) -> Result<(), ImageError> {
     compile_c(work, "demo service", "demo.c", SOURCE, GCC_FLAGS, out)
@@ -27,6 +69,22 @@ pub fn compile(work: &Path, out: &Path) -> Result<(), ImageError> {
 /// Compiles `evread` into `out` (work files go into `work`).
 pub fn compile_evread(work: &Path, out: &Path) -> Result<(), ImageError> {
     compile_c(work, "key reader evread", "evread.c", EVREAD_SOURCE, EVREAD_GCC_FLAGS, out)
+}
+
+/// Compiles spin-demo into `out`.
+pub fn compile_spin(work: &Path, out: &Path) -> Result<(), ImageError> {
+    compile_c(work, "spin-demo", "spin-demo.c", SPIN_SOURCE, SPIN_GCC_FLAGS, out)
+}
+
+/// Compiles one sample patch into the object `out`, and writes its source
+/// and command file beside it.
+pub fn compile_sample(work: &Path, sample: &SamplePatch, out_dir: &Path) -> Result<(), ImageError> {
+    let obj = out_dir.join(format!("{}.o", sample.name));
+    compile_c(work, "sample patch", sample.source_file, sample.source, PATCH_GCC_FLAGS, &obj)?;
+    let src = out_dir.join(sample.source_file);
+    std::fs::write(&src, sample.source).at(&src)?;
+    let cmd = out_dir.join(format!("{}.cmd", sample.name));
+    std::fs::write(&cmd, sample.commands).at(&cmd)
 }
 
 /// Writes `source` to `work/file_name` and runs gcc with `flags` on it.

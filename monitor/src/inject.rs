@@ -17,7 +17,6 @@
 use std::time::{Duration, Instant};
 
 use dvisor_vmm::api::protocol::{Regs, Request};
-use serde::Deserialize;
 
 use crate::daemon::Monitor;
 use crate::error::MonitorError;
@@ -29,13 +28,17 @@ const SPIN: [u8; 2] = [0xeb, 0xfe];
 const SYSCALL_SPIN: [u8; 4] = [0x0f, 0x05, 0xeb, 0xfe];
 /// How long the process may take to reach user mode again.
 const CATCH_TIMEOUT: Duration = Duration::from_secs(60);
-/// Between two looks at the vCPUs.
-const POLL: Duration = Duration::from_millis(2);
+/// Between two looks, growing from the first to the second: every look
+/// at the vCPUs is a pause, which kicks every vCPU out of the guest.
+const POLL_FIRST: Duration = Duration::from_millis(1);
+const POLL_MAX: Duration = Duration::from_millis(20);
 
 /// Where a thread of the process will resume in user mode.
 struct Target {
     pgd: u64,
     rip: u64,
+    /// The process's threads (task_struct addresses).
+    tasks: Vec<u64>,
 }
 
 fn err(m: impl Into<String>) -> MonitorError {
@@ -50,11 +53,11 @@ impl Monitor {
                 return Err(VmiError::KernelThread(pid));
             }
             let pgd = v.mm_pgd(p.mm)?;
-            let rip = v.saved_user_rip(p.task)?;
+            let rip = v.saved_user_state(p.task)?.rip;
             if rip >> 63 != 0 || rip == 0 {
                 return Err(VmiError::Corrupt(format!("pid {pid}'s saved user RIP {rip:#x} is not a user address")));
             }
-            Ok(Target { pgd, rip })
+            Ok(Target { pgd, rip, tasks: v.threads_of(&p)? })
         })
     }
 
@@ -68,43 +71,37 @@ impl Monitor {
         Ok(b)
     }
 
-    /// Runs the VM until a vCPU is in user mode at `at` in the address
-    /// space `pgd` (a thread spinning there), and returns that vCPU with
-    /// the VM paused.
-    fn catch(&self, pgd: u64, at: u64) -> Result<u32, MonitorError> {
-        #[derive(Deserialize)]
-        struct Status {
-            vcpus: u32,
-        }
-        #[derive(Deserialize)]
-        struct Seg {
-            selector: u16,
-        }
-        #[derive(Deserialize)]
-        struct Sregs {
-            cr3: u64,
-            cs: Seg,
-        }
-        let vcpus = self.vmm().call::<Status>(Request::Status)?.vcpus;
+    /// Resumes the VM and runs it until a vCPU is in user mode at `at` in
+    /// the address space `pgd` (a thread spinning there); returns that vCPU
+    /// with the VM paused.
+    ///
+    /// Before each look at the vCPUs (a pause), guest memory alone says
+    /// whether one is worth it: a thread that can be spinning at `at` is
+    /// runnable, and its last entry into the kernel (a timer tick while it
+    /// spins, or the system call it returns from) saved `at` as its user
+    /// RIP. So the VM is paused only a few times per catch, not every poll.
+    fn catch(&self, pgd: u64, tasks: &[u64], at: u64) -> Result<u32, MonitorError> {
         let deadline = Instant::now() + CATCH_TIMEOUT;
-        let root = |cr3: u64| (cr3 & crate::paging::PHYS_ADDR_MASK) & !0x1000;
+        let mut wait = POLL_FIRST;
+        // The thread must run to get there (the caller may have paused).
+        let _: serde_json::Value = self.vmm().call(Request::Resume)?;
         loop {
-            let _: serde_json::Value = self.vmm().call(Request::Pause)?;
-            for vcpu in 0..vcpus {
-                let s: Sregs = self.vmm().call(Request::GetSregs { vcpu })?;
-                if s.cs.selector & 3 != 3 || root(s.cr3) != root(pgd) {
-                    continue;
-                }
-                let r: Regs = self.vmm().call(Request::GetRegs { vcpu })?;
-                if r.rip == at {
+            let maybe = tasks.iter().any(|&t| {
+                self.with_vmi(false, |v| Ok(v.task_state_raw(t)? == 0 && v.saved_user_state(t)?.rip == at))
+                    .unwrap_or(true)
+            });
+            if maybe {
+                let _: serde_json::Value = self.vmm().call(Request::Pause)?;
+                if let Some((vcpu, _)) = self.user_vcpus(pgd)?.into_iter().find(|(_, r)| r.rip == at) {
                     return Ok(vcpu);
                 }
+                let _: serde_json::Value = self.vmm().call(Request::Resume)?;
             }
             if Instant::now() > deadline {
                 return Err(err(format!("no thread of the process reached {at:#x} within {CATCH_TIMEOUT:?}")));
             }
-            let _: serde_json::Value = self.vmm().call(Request::Resume)?;
-            std::thread::sleep(POLL);
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(POLL_MAX);
         }
     }
 
@@ -113,12 +110,25 @@ impl Monitor {
     /// VM is left running.
     pub fn inject_syscall(&self, pid: u32, nr: u64, args: [u64; 6]) -> Result<u64, MonitorError> {
         let _: serde_json::Value = self.vmm().call(Request::Pause)?;
-        let t = self.syscall_target(pid)?;
+        let mut t = self.syscall_target(pid)?;
+        // A thread on a vCPU in user mode right now is taken where it
+        // stands (a thread that never enters the kernel, like a spinning
+        // one, may never pass its stale saved RIP); otherwise a sleeping
+        // thread is caught where it will come back to user mode.
+        let running = self.user_vcpus(t.pgd)?.into_iter().next();
+        if let Some((_, r)) = &running {
+            t.rip = r.rip;
+        }
         let original = self.read_user(t.pgd, t.rip, SYSCALL_SPIN.len())?;
         let result = (|| {
-            self.write_user(t.pgd, t.rip, &SPIN)?;
-            let vcpu = self.catch(t.pgd, t.rip)?;
-            let saved: Regs = self.vmm().call(Request::GetRegs { vcpu })?;
+            let (vcpu, saved) = match running {
+                Some(v) => v,
+                None => {
+                    self.write_user(t.pgd, t.rip, &SPIN)?;
+                    let vcpu = self.catch(t.pgd, &t.tasks, t.rip)?;
+                    (vcpu, self.vmm().call::<Regs>(Request::GetRegs { vcpu })?)
+                }
+            };
             self.write_user(t.pgd, t.rip, &SYSCALL_SPIN)?;
             let call = Regs {
                 rip: t.rip,
@@ -135,7 +145,7 @@ impl Monitor {
             let _: serde_json::Value = self.vmm().call(Request::Resume)?;
             // The call returns to the spin after `syscall`, on whichever
             // vCPU the thread runs then.
-            let done_on = self.catch(t.pgd, t.rip + 2)?;
+            let done_on = self.catch(t.pgd, &t.tasks, t.rip + 2)?;
             let after: Regs = self.vmm().call(Request::GetRegs { vcpu: done_on })?;
             // The thread goes on exactly where it was caught.
             let _: serde_json::Value = self.vmm().call(Request::SetRegs { vcpu: done_on, regs: saved })?;

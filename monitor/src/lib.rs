@@ -14,6 +14,7 @@ pub mod patcher;
 pub mod paths;
 pub mod space;
 pub mod profile;
+pub mod safety;
 pub mod vmi;
 
 pub use client::VmmClient;

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use dvisor_vmm::api::protocol::{Regs, Request};
+use dvisor_vmm::api::protocol::Request;
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::Monitor;
@@ -39,6 +39,13 @@ const PROT_RWX: u64 = 7;
 const MAP_PRIVATE_ANONYMOUS_POPULATE: u64 = 0x8022;
 const SYS_MMAP: u64 = 9;
 const SYS_MUNMAP: u64 = 11;
+const SYS_OPEN: u64 = 2;
+const SYS_CLOSE: u64 = 3;
+const SYS_PWRITE64: u64 = 18;
+const O_RDWR: u64 = 2;
+/// How far below a program high in memory (a PIE) its patch space is
+/// asked for.
+const SPACE_BELOW_PROGRAM: u64 = 64 << 20;
 /// Safe-mode retries when a thread is inside a site, and the wait between.
 const RETRIES: u32 = 20;
 const BACKOFF: Duration = Duration::from_millis(20);
@@ -78,6 +85,11 @@ pub struct AppliedPatch {
     pub attempts: u32,
 }
 
+struct ProgramPlacement {
+    load_base: u64,
+    hint: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Saved {
     format: u32,
@@ -86,6 +98,10 @@ struct Saved {
     next_id: u32,
     applied: Vec<AppliedPatch>,
     spaces: HashMap<u32, SpaceMap>,
+    /// Pages of each process already given their own copy (see
+    /// `make_sites_private`), with the frame of that copy.
+    #[serde(default)]
+    private_pages: HashMap<u32, std::collections::BTreeMap<u64, u64>>,
 }
 
 const STATE_FORMAT: u32 = 1;
@@ -114,6 +130,25 @@ fn err(m: impl Into<String>) -> MonitorError {
 
 fn patch_err(e: patch::PatchError) -> MonitorError {
     MonitorError::Vmi(e.to_string())
+}
+
+/// A `Busy` with the replaced function's name.
+fn describe_busy(b: &crate::safety::Busy, resolved: &[patch::ResolvedCommand]) -> String {
+    use crate::safety::Busy;
+    let func = match b {
+        Busy::Executing { func, .. } | Busy::ReturnAddress { func, .. } => *func,
+    };
+    let name = resolved
+        .iter()
+        .find(|r| matches!(r.action, ResolvedAction::Jump { target_addr, .. } if target_addr == func))
+        .map(|r| r.target.as_str())
+        .unwrap_or("?");
+    match b {
+        Busy::Executing { rip, .. } => format!("a thread is executing inside {name} (at {rip:#x})"),
+        Busy::ReturnAddress { at, value, .. } => {
+            format!("a thread will return into {name} (return address {value:#x} on its stack at {at:#x})")
+        }
+    }
 }
 
 impl Monitor {
@@ -176,40 +211,6 @@ impl Monitor {
         })
     }
 
-    /// User RIPs of every thread of `pid`: on a vCPU now (its registers),
-    /// or asleep (the user RIP saved on its kernel stack). VM paused.
-    fn thread_rips(&self, pgd: u64, tasks: &[u64]) -> Result<Vec<u64>, MonitorError> {
-        let mut rips = Vec::new();
-        #[derive(Deserialize)]
-        struct St {
-            vcpus: u32,
-        }
-        #[derive(Deserialize)]
-        struct Seg {
-            selector: u16,
-        }
-        #[derive(Deserialize)]
-        struct Sr {
-            cr3: u64,
-            cs: Seg,
-        }
-        let vcpus = self.vmm().call::<St>(Request::Status)?.vcpus;
-        let root = |c: u64| (c & crate::paging::PHYS_ADDR_MASK) & !0x1000;
-        for vcpu in 0..vcpus {
-            let s: Sr = self.vmm().call(Request::GetSregs { vcpu })?;
-            if root(s.cr3) == root(pgd) && s.cs.selector & 3 == 3 {
-                let r: Regs = self.vmm().call(Request::GetRegs { vcpu })?;
-                rips.push(r.rip);
-            }
-        }
-        for &t in tasks {
-            if let Ok(rip) = self.with_vmi(false, |v| v.saved_user_rip(t)) {
-                rips.push(rip);
-            }
-        }
-        Ok(rips)
-    }
-
     /// Applies a patch to process `pid`. `unsafe_mode` skips the check
     /// that no thread is inside a replaced function.
     pub fn apply_patch(
@@ -225,14 +226,18 @@ impl Monitor {
         let obj = PatchObject::parse(&obj_name, &read(object_path)?).map_err(patch_err)?;
         let cmd_text = String::from_utf8_lossy(&read(commands_path)?).into_owned();
         let cmds = CommandFile::parse(&commands_path.display().to_string(), &cmd_text).map_err(patch_err)?;
-        let program = patch::target_symbols(&read(binary)?, 0).map_err(patch_err)?;
+        let bin = read(binary)?;
+        let placed = self.program_placement(pid, &bin, binary)?;
+        let program = patch::target_symbols(&bin, placed.load_base).map_err(patch_err)?;
         patch::check(&obj, &cmds, &program).map_err(patch_err)?;
+        self.check_not_patched(pid, &cmds, &program)?;
+        self.check_program_matches(pid, &bin, binary, &cmds, &program, placed.load_base)?;
         // Everything is validated before the guest is touched.
         let len = (patch::required_size(&obj) as u64).max(1);
         let align = obj.required_alignment().max(16);
 
         let t = Instant::now();
-        let space = self.allocate_space(pid, len, align)?;
+        let space = self.allocate_space(pid, len, align, placed.hint)?;
         let alloc = t.elapsed();
         let result = self.apply_in(pid, &obj, &cmds, &program, space, len, unsafe_mode, alloc, &obj_name);
         if result.is_err() {
@@ -241,14 +246,173 @@ impl Monitor {
         result
     }
 
+    /// Where the program runs in `pid`: the load base of a PIE (the start
+    /// of its executable's mapping at file offset 0; gcc links a PIE's
+    /// first segment at 0) and where to ask for patch space, so that rel32
+    /// jumps and calls between program and patch reach.
+    fn program_placement(&self, pid: u32, bin: &[u8], binary: &Path) -> Result<ProgramPlacement, MonitorError> {
+        let pie = patch::target_is_pie(bin).map_err(patch_err)?;
+        let (exe, vmas) = self.with_vmi(false, |v| {
+            let p = v.process_by_pid(pid)?;
+            if p.mm == 0 {
+                return Err(VmiError::KernelThread(pid));
+            }
+            Ok((p.exe.clone(), v.vmas(p.mm)?))
+        })?;
+        let mapped: Vec<&crate::vmi::Vma> = vmas.iter().filter(|m| !exe.is_empty() && m.name == exe).collect();
+        let low = mapped.iter().map(|m| m.start).min();
+        let load_base = if pie {
+            mapped.iter().filter(|m| m.offset == 0).map(|m| m.start).min().ok_or_else(|| {
+                err(format!(
+                    "{} is position-independent, but pid {pid} has no mapping of its program {exe:?} at file offset 0 to take the load base from",
+                    binary.display()
+                ))
+            })?
+        } else {
+            0
+        };
+        let hint = match low {
+            Some(low) if low >= SPACE_BELOW_PROGRAM + SPACE_HINT => (low - SPACE_BELOW_PROGRAM) & !(PAGE - 1),
+            _ => SPACE_HINT,
+        };
+        Ok(ProgramPlacement { load_base, hint })
+    }
+
+    /// One patch per function: a second one over it would save the first
+    /// one's jump as "original", and reverting them out of order would
+    /// leave a jump into freed space.
+    fn check_not_patched(
+        &self,
+        pid: u32,
+        cmds: &CommandFile,
+        program: &HashMap<String, patch::TargetSymbol>,
+    ) -> Result<(), MonitorError> {
+        let applied = self.patches();
+        for c in &cmds.commands {
+            let Some(sym) = program.get(&c.target) else { continue };
+            if let Some(p) = applied.iter().find(|p| p.pid == pid && p.sites.iter().any(|s| s.addr == sym.addr)) {
+                return Err(err(format!(
+                    "{}:{}: {} in pid {pid} is already patched by patch {}: revert that first (`dvisor patch revert {}`)",
+                    cmds.name, c.line, c.target, p.id, p.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The code about to be replaced must be the code of `binary`: a wrong
+    /// --binary (another build, another program) would put jumps at
+    /// meaningless addresses.
+    fn check_program_matches(
+        &self,
+        pid: u32,
+        bin: &[u8],
+        binary: &Path,
+        cmds: &CommandFile,
+        program: &HashMap<String, patch::TargetSymbol>,
+        load_base: u64,
+    ) -> Result<(), MonitorError> {
+        for c in &cmds.commands {
+            let (patch::Action::Jump { .. }, Some(sym)) = (&c.action, program.get(&c.target)) else { continue };
+            let n = sym.size.clamp(1, 16);
+            let Some(file) = patch::program_bytes(bin, sym.addr - load_base, n) else { continue };
+            let live = self.read_process(pid, sym.addr, n as usize)?;
+            if live != file {
+                return Err(err(format!(
+                    "the code of {} at {:#x} in pid {pid} ({}) is not the code of {} there ({}): is --binary the program this process runs?",
+                    c.target,
+                    sym.addr,
+                    hex(&live),
+                    binary.display(),
+                    hex(&file)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the process its own copy of every page a site is on, before
+    /// the pause. Program code and initialised data are mapped from the
+    /// file: until the process writes to such a page it is the page-cache
+    /// page itself, shared with the file and every process running the
+    /// program, and a write through guest-physical memory would patch them
+    /// all (and the file). The process is made to write each site's own
+    /// bytes back through /proc/self/mem (injected open, pwrite64, close),
+    /// the way ptrace pokes text: the kernel copies the page on write.
+    fn make_sites_private(&self, pid: u32, sites: &[Site]) -> Result<(), MonitorError> {
+        let mut pages: Vec<u64> = sites.iter().map(|s| s.addr & !(PAGE - 1)).collect();
+        pages.sort_unstable();
+        pages.dedup();
+        // A page copied before still maps the same frame; a pid reused by
+        // a new process maps other ones.
+        let frames = self.frames_of(pid, &pages)?;
+        let done = self.with_private_pages(pid, |known| pages.iter().zip(&frames).all(|(p, f)| known.get(p) == Some(f)));
+        if done {
+            return Ok(());
+        }
+        const PROC_SELF_MEM: &[u8] = b"/proc/self/mem\0";
+        const SLOT: u64 = 32;
+        let scratch_len = SLOT * (sites.len() as u64 + 1);
+        let scratch = self.allocate_space(pid, scratch_len, 16, SPACE_HINT)?;
+        let result = (|| {
+            let mut data = vec![0u8; scratch_len as usize];
+            data[..PROC_SELF_MEM.len()].copy_from_slice(PROC_SELF_MEM);
+            for (i, s) in sites.iter().enumerate() {
+                let b = unhex(&s.original);
+                let at = SLOT as usize * (i + 1);
+                data[at..at + b.len()].copy_from_slice(&b);
+            }
+            self.check_private_writable(pid, scratch, scratch_len)?;
+            self.write_process(pid, &[(scratch, data)])?;
+            let fd = self.inject_syscall(pid, SYS_OPEN, [scratch, O_RDWR, 0, 0, 0, 0])? as i64;
+            if fd < 0 {
+                return Err(err(format!("pid {pid} could not open /proc/self/mem (errno {}) to copy its code pages", -fd)));
+            }
+            let mut written = Ok(());
+            for (i, s) in sites.iter().enumerate() {
+                let len = (s.original.len() / 2) as u64;
+                let rc = self.inject_syscall(pid, SYS_PWRITE64, [fd as u64, scratch + SLOT * (i as u64 + 1), len, s.addr, 0, 0])?;
+                if rc != len {
+                    written = Err(err(format!(
+                        "pid {pid} could not copy the page of {} at {:#x} (pwrite64 returned {})",
+                        s.target, s.addr, rc as i64
+                    )));
+                    break;
+                }
+            }
+            self.inject_syscall(pid, SYS_CLOSE, [fd as u64, 0, 0, 0, 0, 0])?;
+            written
+        })();
+        self.release_space(pid, Range { start: scratch, len: scratch_len })?;
+        result?;
+        let frames = self.frames_of(pid, &pages)?;
+        self.with_private_pages(pid, |known| known.extend(pages.into_iter().zip(frames)));
+        self.save_patches();
+        Ok(())
+    }
+
+    /// The guest-physical frame behind each page of `pid`.
+    fn frames_of(&self, pid: u32, pages: &[u64]) -> Result<Vec<u64>, MonitorError> {
+        let (pgd, _) = self.process_handles(pid)?;
+        pages
+            .iter()
+            .map(|&page| self.with_vmi(false, |v| Ok(crate::paging::translate(v.mem, pgd, v.mode(), page)?.pa)))
+            .collect()
+    }
+
+    fn with_private_pages<T>(&self, pid: u32, f: impl FnOnce(&mut std::collections::BTreeMap<u64, u64>) -> T) -> T {
+        let mut s = self.patches.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(s.private_pages.entry(pid).or_default())
+    }
+
     /// Takes `len` bytes from the process's free map, mapping a new area
     /// (injected mmap) only when no free range fits.
-    fn allocate_space(&self, pid: u32, len: u64, align: u64) -> Result<u64, MonitorError> {
+    fn allocate_space(&self, pid: u32, len: u64, align: u64, hint: u64) -> Result<u64, MonitorError> {
         if let Some(at) = self.with_space(pid, |m| m.allocate(len, align)) {
             return Ok(at);
         }
         let area_len = len.div_ceil(PAGE) * PAGE;
-        let hint = self.with_space(pid, |m| m.areas.iter().map(Range::end).max()).unwrap_or(SPACE_HINT);
+        let hint = self.with_space(pid, |m| m.areas.iter().map(Range::end).max()).unwrap_or(hint);
         let area = self.inject_syscall(pid, SYS_MMAP, [hint, area_len, PROT_RWX, MAP_PRIVATE_ANONYMOUS_POPULATE, u64::MAX, 0])?;
         if (area as i64) < 0 {
             return Err(err(format!("mmap in pid {pid} failed with errno {}", -(area as i64))));
@@ -360,10 +524,14 @@ impl Monitor {
             let original = self.read_process(pid, *addr, bytes.len())?;
             sites.push(Site { target: target.clone(), addr: *addr, original: hex(&original), new: hex(bytes) });
         }
+        let t = Instant::now();
+        self.make_sites_private(pid, &sites)?;
+        let cow = t.elapsed();
 
         // Found before the pause, so that the pause holds only the check
         // and the writes.
         let (pgd, tasks) = self.process_handles(pid)?;
+        let vmas = if unsafe_mode { Vec::new() } else { self.with_vmi(false, |v| v.memory_map(pid))? };
         let all: Vec<(u64, Vec<u8>)> = writes.iter().map(|(_, a, b)| (*a, b.clone())).collect();
         let mut attempts = 0;
         loop {
@@ -374,7 +542,13 @@ impl Monitor {
             let busy = if unsafe_mode {
                 None
             } else {
-                self.thread_rips(pgd, &tasks)?.into_iter().find(|rip| ranges.iter().any(|(s, e)| rip >= s && rip < e))
+                match self.busy_in(pgd, &tasks, &vmas, &ranges) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _: serde_json::Value = self.vmm().call(Request::Resume)?;
+                        return Err(e);
+                    }
+                }
             };
             if busy.is_none() {
                 let t = Instant::now();
@@ -386,7 +560,7 @@ impl Monitor {
                 written?;
                 let timing = Timing {
                     attach_us: us(attach),
-                    alloc_us: us(alloc),
+                    alloc_us: us(alloc + cow),
                     write_patch_us: us(write_patch),
                     write_jump_us: us(write_jump),
                     free_us: 0,
@@ -414,9 +588,10 @@ impl Monitor {
             }
             let _: serde_json::Value = self.vmm().call(Request::Resume)?;
             if attempts >= RETRIES {
+                let why = busy.map(|b| describe_busy(&b, &resolved)).unwrap_or_default();
                 return Err(err(format!(
-                    "a thread of pid {pid} kept executing inside a function being replaced (at {:#x}) over {RETRIES} tries; retry later or use --unsafe",
-                    busy.unwrap_or(0)
+                    "not safe to patch pid {pid} now: {why} (still so after {RETRIES} tries over {:?}); nothing was changed. Retry when it has left, or use --unsafe",
+                    BACKOFF * RETRIES
                 )));
             }
             std::thread::sleep(BACKOFF);
@@ -460,14 +635,5 @@ impl<M: crate::paging::PhysRead> crate::vmi::Vmi<'_, M> {
             next = self.read_u64(next)?;
         }
         Ok(out)
-    }
-
-    /// The user RIP saved at the top of a task's kernel stack.
-    pub fn saved_user_rip(&self, task: u64) -> Result<u64, VmiError> {
-        let l = &self.profile.layouts;
-        let ip = l.fields.get("pt_regs.ip").ok_or_else(|| VmiError::Profile("pt_regs.ip".into()))?;
-        let size = l.sizes.get("pt_regs").copied().ok_or_else(|| VmiError::Profile("sizeof(pt_regs)".into()))?;
-        let stack = self.read_field(task, &l.task_struct.stack)?;
-        self.read_field(stack + 16 * 1024 - size, ip)
     }
 }

@@ -18,6 +18,7 @@ pub mod error;
 pub mod jump;
 pub mod link;
 pub mod object;
+pub mod sized;
 pub mod target;
 #[cfg(test)]
 mod tests;
@@ -27,4 +28,5 @@ pub use error::PatchError;
 pub use jump::{fits, jump_bytes, jump_len, JMP_ABS64_LEN, JMP_REL32_LEN};
 pub use link::{check, link, required_size, LinkedPatch, PlacedSection, ResolvedAction, ResolvedCommand};
 pub use object::{PatchObject, Placement};
-pub use target::{target_is_pie, target_symbols, TargetKind, TargetSymbol};
+pub use sized::sized_patch_source;
+pub use target::{program_bytes, target_is_pie, target_symbols, TargetKind, TargetSymbol};

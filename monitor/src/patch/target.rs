@@ -108,3 +108,17 @@ pub fn target_symbols(elf_bytes: &[u8], load_base: u64) -> Result<HashMap<String
     }
     Ok(map.into_iter().map(|(k, (v, _))| (k, v)).collect())
 }
+
+/// The program file's bytes at link-time address `vaddr` (before any load
+/// base), from the allocated section holding them; None when no section
+/// with file contents covers all `len` bytes.
+pub fn program_bytes(elf_bytes: &[u8], vaddr: u64, len: u64) -> Option<Vec<u8>> {
+    let elf = Elf::parse(elf_bytes).ok()?;
+    let end = vaddr.checked_add(len)?;
+    let s = elf
+        .sections
+        .iter()
+        .find(|s| s.kind == SHT_PROGBITS && s.flags & SHF_ALLOC != 0 && s.addr <= vaddr && end <= s.addr + s.size)?;
+    let start = usize::try_from(s.offset + (vaddr - s.addr)).ok()?;
+    elf_bytes.get(start..start.checked_add(usize::try_from(len).ok()?)?).map(<[u8]>::to_vec)
+}

@@ -708,8 +708,12 @@ fn harness() -> &'static Harness {
 /// Links `src` (compiled with `model`) with `cmd_text` at `base`, runs the
 /// harness with it and returns its output as `key=value` pairs.
 fn run_patched(src: &str, model: &[&str], cmd_text: &str, base: u64) -> HashMap<String, String> {
+    run_patched_object(src, &compile(src, model), cmd_text, base)
+}
+
+fn run_patched_object(name: &str, object: &[u8], cmd_text: &str, base: u64) -> HashMap<String, String> {
     let h = harness();
-    let o = PatchObject::parse(src, &compile(src, model)).unwrap_or_else(|e| panic!("{e}"));
+    let o = PatchObject::parse(name, object).unwrap_or_else(|e| panic!("{e}"));
     let c = CommandFile::parse("e2e.cmd", cmd_text).unwrap();
     let (p, resolved) = link(&o, &c, &h.symbols, base).unwrap_or_else(|e| panic!("{e}"));
     let mut plan = String::new();
@@ -764,3 +768,17 @@ fn linked_patches_run() {
         assert_eq!(ptr["message_ptr"], "v2-ptr", "{model:?}");
     }
 }
+
+#[test]
+fn benchmark_sized_patches_run() {
+    for kib in [10, 50, 100] {
+        let src = sized_patch_source(kib);
+        let obj = compile_src(&src, PIC);
+        let o = PatchObject::parse("sized.o", &obj).unwrap();
+        let size = required_size(&o) as u64;
+        assert!(size >= kib * 1024 && size < kib * 1024 + 4096, "{kib} KiB patch is {size} bytes");
+        let out = run_patched_object("sized.o", &obj, "J get_message patched_get_message\n", NEAR);
+        assert_eq!(out["get_message"], "v2", "{kib} KiB patch");
+    }
+}
+

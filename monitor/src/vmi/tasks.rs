@@ -38,6 +38,10 @@ pub struct Process {
     pub rss_kib: u64,
     /// Empty for kernel threads.
     pub cmdline: String,
+    /// The executable's path in the guest (mm->exe_file); empty for kernel
+    /// threads or when the profile lacks the field.
+    #[serde(default)]
+    pub exe: String,
     pub kernel_thread: bool,
     /// Address of the task_struct.
     pub task: u64,
@@ -97,7 +101,17 @@ impl<M: PhysRead> Vmi<'_, M> {
         let signal = self.read_field(task, &t.signal)?;
         let threads = if signal == 0 { 1 } else { self.read_field(signal, &l.signal_struct.nr_threads)? as u32 };
         let (rss_kib, cmdline) = if mm == 0 { (0, String::new()) } else { (self.rss_kib(mm)?, self.cmdline(mm)) };
-        Ok(Process { pid, tgid, ppid, comm, state, uid, threads, rss_kib, cmdline, kernel_thread: mm == 0, task, mm })
+        let exe = if mm == 0 { String::new() } else { self.exe_path(mm) };
+        Ok(Process { pid, tgid, ppid, comm, state, uid, threads, rss_kib, cmdline, exe, kernel_thread: mm == 0, task, mm })
+    }
+
+    /// The path of mm->exe_file, or empty if there is none to read.
+    fn exe_path(&self, mm: u64) -> String {
+        let Some(f) = self.profile.layouts.fields.get("mm_struct.exe_file") else { return String::new() };
+        match self.read_field(mm, f) {
+            Ok(file) if file != 0 => self.file_path(file).unwrap_or_default(),
+            _ => String::new(),
+        }
     }
 
     fn rss_kib(&self, mm: u64) -> Result<u64, VmiError> {

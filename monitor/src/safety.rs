@@ -1,0 +1,226 @@
+//! The safe-mode check of a live patch: is any thread of the process
+//! inside a function about to be replaced, or will it return into one?
+//!
+//! A thread is either on a vCPU now (its registers, when the vCPU runs in
+//! user mode with the process's page tables) or off-CPU, when its user
+//! registers sit in the `pt_regs` at the top of its kernel stack. Both are
+//! looked at for every thread: a running thread's saved `pt_regs` are only
+//! stale, and looking at them too can only refuse more, never less.
+//!
+//! The user stack is scanned word by word from the stack pointer up to the
+//! end of its mapping (at most `MAX_STACK_SCAN`): a word that points just
+//! past a call inside a replaced function is taken as a return address.
+//! Without frame pointers or unwind tables a data word that happens to
+//! look like one is counted too; that only makes the check refuse more.
+use dvisor_vmm::api::protocol::{Regs, Request};
+use serde::Deserialize;
+
+use crate::daemon::Monitor;
+use crate::error::MonitorError;
+use crate::vmi::Vma;
+use crate::vmi::VmiError;
+
+/// The most of one thread's stack read in a pause.
+pub const MAX_STACK_SCAN: u64 = 256 * 1024;
+
+/// Where a thread is in user mode: its instruction and stack pointers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserState {
+    pub rip: u64,
+    pub rsp: u64,
+}
+
+/// Why a patch cannot be written now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Busy {
+    /// A thread executes at `rip`, inside the function starting at `func`.
+    Executing { rip: u64, func: u64 },
+    /// The stack word at `at` returns into the function starting at `func`.
+    ReturnAddress { at: u64, value: u64, func: u64 },
+}
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Busy::Executing { rip, func } => write!(f, "a thread is executing at {rip:#x}, inside the function at {func:#x}"),
+            Busy::ReturnAddress { at, value, func } => write!(
+                f,
+                "a thread's stack holds {value:#x} at {at:#x}, a return address into the function at {func:#x}"
+            ),
+        }
+    }
+}
+
+/// The page-table root a CR3 value points at (PCID bits and the PTI user
+/// half cleared), so that a process's kernel and user CR3 compare equal.
+pub fn cr3_root(cr3: u64) -> u64 {
+    (cr3 & crate::paging::PHYS_ADDR_MASK) & !0x1000
+}
+
+/// The first of `ranges` (start, end) holding `rip`.
+pub fn executing_in(ranges: &[(u64, u64)], s: UserState) -> Option<Busy> {
+    ranges.iter().find(|(a, b)| s.rip >= *a && s.rip < *b).map(|(a, _)| Busy::Executing { rip: s.rip, func: *a })
+}
+
+/// The first word of `stack` (read from address `base`) that returns into
+/// one of `ranges`: a return address points after the call instruction,
+/// so it lies in (start, end]; a word equal to a function's start is a
+/// function pointer, not a return address.
+pub fn return_address_in(ranges: &[(u64, u64)], base: u64, stack: &[u8]) -> Option<Busy> {
+    stack.chunks_exact(8).enumerate().find_map(|(i, w)| {
+        let value = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        ranges
+            .iter()
+            .find(|(a, b)| value > *a && value <= *b)
+            .map(|(a, _)| Busy::ReturnAddress { at: base + 8 * i as u64, value, func: *a })
+    })
+}
+
+impl Monitor {
+    /// The vCPUs running in user mode in the address space `pgd` now, with
+    /// their registers. The VM must be paused.
+    pub(crate) fn user_vcpus(&self, pgd: u64) -> Result<Vec<(u32, Regs)>, MonitorError> {
+        #[derive(Deserialize)]
+        struct Status {
+            vcpus: u32,
+        }
+        #[derive(Deserialize)]
+        struct Seg {
+            selector: u16,
+        }
+        #[derive(Deserialize)]
+        struct Sregs {
+            cr3: u64,
+            cs: Seg,
+        }
+        let vcpus = self.vmm().call::<Status>(Request::Status)?.vcpus;
+        let mut out = Vec::new();
+        for vcpu in 0..vcpus {
+            let s: Sregs = self.vmm().call(Request::GetSregs { vcpu })?;
+            if s.cs.selector & 3 == 3 && cr3_root(s.cr3) == cr3_root(pgd) {
+                out.push((vcpu, self.vmm().call(Request::GetRegs { vcpu })?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Where every thread in `tasks` is in user mode: on a vCPU now, and
+    /// as saved on its kernel stack. The VM must be paused.
+    fn thread_states(&self, pgd: u64, tasks: &[u64]) -> Result<Vec<UserState>, MonitorError> {
+        let mut out: Vec<UserState> =
+            self.user_vcpus(pgd)?.into_iter().map(|(_, r)| UserState { rip: r.rip, rsp: r.rsp }).collect();
+        for &t in tasks {
+            if let Ok(s) = self.with_vmi(false, |v| v.saved_user_state(t)) {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The safe-mode check, with the VM paused: None when no thread of
+    /// the process executes in, or would return into, any of `ranges`.
+    /// `vmas` is the process's memory map (for the stacks' ends).
+    pub(crate) fn busy_in(
+        &self,
+        pgd: u64,
+        tasks: &[u64],
+        vmas: &[Vma],
+        ranges: &[(u64, u64)],
+    ) -> Result<Option<Busy>, MonitorError> {
+        let states = self.thread_states(pgd, tasks)?;
+        if let Some(b) = states.iter().find_map(|s| executing_in(ranges, *s)) {
+            return Ok(Some(b));
+        }
+        for s in &states {
+            let Some(vma) = vmas.iter().find(|v| s.rsp >= v.start && s.rsp < v.end) else { continue };
+            let start = s.rsp & !7;
+            let end = vma.end.min(start + MAX_STACK_SCAN);
+            if let Some(b) = self.scan_stack(pgd, start, end, ranges)? {
+                return Ok(Some(b));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Scans [start, end) page by page; stops at the first page that is not
+    /// present (nothing above a live stack pointer is ever paged out here,
+    /// and an unmapped page cannot hold a frame).
+    fn scan_stack(&self, pgd: u64, start: u64, end: u64, ranges: &[(u64, u64)]) -> Result<Option<Busy>, MonitorError> {
+        const PAGE: u64 = 4096;
+        let mut at = start;
+        let mut buf = Vec::new();
+        while at < end {
+            let chunk = ((at & !(PAGE - 1)) + PAGE).min(end) - at;
+            buf.resize(chunk as usize, 0);
+            if self.with_vmi(false, |v| v.read_user(pgd, at, &mut buf)).is_err() {
+                return Ok(None);
+            }
+            if let Some(b) = return_address_in(ranges, at, &buf) {
+                return Ok(Some(b));
+            }
+            at += chunk;
+        }
+        Ok(None)
+    }
+}
+
+impl<M: crate::paging::PhysRead> crate::vmi::Vmi<'_, M> {
+    /// A task's `__state`: 0 is TASK_RUNNING (on a CPU or runnable).
+    pub fn task_state_raw(&self, task: u64) -> Result<u64, VmiError> {
+        self.read_field(task, &self.profile.layouts.task_struct.state)
+    }
+
+    /// The user registers saved at the top of a task's kernel stack.
+    pub fn saved_user_state(&self, task: u64) -> Result<UserState, VmiError> {
+        let l = &self.profile.layouts;
+        let field = |name: &str| l.fields.get(name).ok_or_else(|| VmiError::Profile(name.into()));
+        let size = l.sizes.get("pt_regs").copied().ok_or_else(|| VmiError::Profile("sizeof(pt_regs)".into()))?;
+        let regs = self.read_field(task, &l.task_struct.stack)? + THREAD_SIZE - size;
+        Ok(UserState { rip: self.read_field(regs, field("pt_regs.ip")?)?, rsp: self.read_field(regs, field("pt_regs.sp")?)? })
+    }
+}
+
+/// x86-64 kernel stacks are 16 KiB (THREAD_SIZE without KASAN); the user
+/// `pt_regs` sit at their top.
+const THREAD_SIZE: u64 = 16 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GET_MESSAGE: (u64, u64) = (0x401850, 0x401856);
+
+    fn words(w: &[u64]) -> Vec<u8> {
+        w.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn rip_inside_a_replaced_function_is_busy() {
+        let r = [GET_MESSAGE];
+        assert!(executing_in(&r, UserState { rip: 0x401850, rsp: 0 }).is_some());
+        assert!(executing_in(&r, UserState { rip: 0x401855, rsp: 0 }).is_some());
+        assert_eq!(executing_in(&r, UserState { rip: 0x401856, rsp: 0 }), None);
+        assert_eq!(executing_in(&r, UserState { rip: 0x40184f, rsp: 0 }), None);
+    }
+
+    #[test]
+    fn return_addresses_are_found_and_function_pointers_are_not() {
+        let r = [GET_MESSAGE];
+        let stack = words(&[7, 0x401850, 0x4a0000, 0x401853, 9]);
+        assert_eq!(
+            return_address_in(&r, 0x7ff0_0000, &stack),
+            Some(Busy::ReturnAddress { at: 0x7ff0_0018, value: 0x401853, func: 0x401850 })
+        );
+        // A call as the last instruction returns to the end.
+        assert!(return_address_in(&r, 0, &words(&[0x401856])).is_some());
+        assert_eq!(return_address_in(&r, 0, &words(&[0x401850, 0x401857, 0])), None);
+        // A partial word at the end is ignored, not misread.
+        assert_eq!(return_address_in(&r, 0, &[0x53, 0x18, 0x40]), None);
+    }
+
+    #[test]
+    fn pti_and_pcid_bits_do_not_hide_a_process() {
+        assert_eq!(cr3_root(0x1234_5000 | 0x1000 | 0x5), cr3_root(0x1234_4000));
+        assert_eq!(cr3_root(0x1234_4000 | (1 << 63)), 0x1234_4000);
+    }
+}
