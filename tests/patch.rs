@@ -1,7 +1,9 @@
-//! Live patching of the running demo service from outside the VM: the
-//! heartbeat switches from v1 to v2 with the same pid and a counter that
-//! keeps counting; bad patches are refused before anything in the
-//! process changes; revert brings v1 back and frees the patch's space.
+//! Live patching of running guest processes from outside the VM: the
+//! demo service switches from v1 to v2 with the same pid, a counter that
+//! keeps counting and clients served throughout; bad patches are refused
+//! before anything in the process changes; the free map keeps the patch
+//! memory flat over 100 apply/revert cycles; revert brings v1 back; and
+//! safe mode waits for a thread to leave the function being replaced.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -10,6 +12,8 @@ use std::time::Instant;
 
 use common::{dvisor_json, dvisor_out, heartbeat, Console};
 
+/// Apply/revert cycles of the free-map check.
+const CYCLES: u32 = 100;
 const FLAGS: &[&str] = &["-c", "-O2", "-fpic", "-fno-asynchronous-unwind-tables", "-ffunction-sections", "-fdata-sections"];
 
 fn samples() -> PathBuf {
@@ -154,9 +158,14 @@ fn live_patch_the_running_service() {
     let list = dvisor_json(&["patch", "list", "--vm", &name]);
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["sites"][0]["target"], "get_message");
+    // The load ran from before the apply until the service beat v2 twice.
+    let (served, failed) = load.stop();
+    eprintln!("requests around the v2 apply: {served} answered, {} failed", failed.len());
+    assert!(failed.is_empty(), "requests failed while patching: {failed:?}");
+    assert!(served >= 5, "the load barely ran ({served} requests)");
     assert_eq!(guest_md5(&mut c, "/usr/bin/demo-service"), sum_before, "patching the process changed the program file");
 
-    // --- the free map: a second patch applied and reverted 20 times
+    // --- the free map: a second patch applied and reverted 100 times
     // reuses the space; the mapped patch memory never grows
     let fix = dir.join("fix.o");
     compile(&samples().join("fix.c"), &fix);
@@ -172,25 +181,20 @@ fn live_patch_the_running_service() {
     };
     let after_first = patch_space();
     assert!(after_first > 0, "no patch area mapped");
-    // 20, not the 100 the issue asks: one run of 100 ended with the carrier
-    // VM itself gone (QEMU exited, no panic logged); the unit tests of
-    // space.rs run 1000 cycles of the same free map.
-    for i in 0..20 {
+    let cycles_started = Instant::now();
+    for i in 0..CYCLES {
         let b = dvisor_json(&[
             "patch", "apply", "--vm", &name, "--pid", &p,
             "--object", fix.to_str().unwrap(), "--commands", fix_cmd.to_str().unwrap(),
         ]);
         let bid = b["id"].as_u64().unwrap().to_string();
         dvisor_json(&["patch", "revert", "--vm", &name, &bid]);
-        if i % 5 == 0 {
+        if i % 10 == 0 {
             assert_eq!(patch_space(), after_first, "patch memory grew in cycle {i}");
         }
     }
-    assert_eq!(patch_space(), after_first, "patch memory grew over 20 cycles");
-    let (served, failed) = load.stop();
-    eprintln!("requests during the patches: {served} answered, {} failed", failed.len());
-    assert!(failed.is_empty(), "requests failed while patching: {failed:?}");
-    assert!(served >= 20, "the load barely ran ({served} requests)");
+    assert_eq!(patch_space(), after_first, "patch memory grew over {CYCLES} cycles");
+    eprintln!("{CYCLES} apply/revert cycles in {:.1} s", cycles_started.elapsed().as_secs_f64());
 
     // --- the monitor restarts: it still knows the applied patch
     let old = dvisor_json(&["status", "--vm", &name])["monitor_pid"].as_u64().unwrap();

@@ -81,10 +81,6 @@ impl Monitor {
     /// their registers. The VM must be paused.
     pub(crate) fn user_vcpus(&self, pgd: u64) -> Result<Vec<(u32, Regs)>, MonitorError> {
         #[derive(Deserialize)]
-        struct Status {
-            vcpus: u32,
-        }
-        #[derive(Deserialize)]
         struct Seg {
             selector: u16,
         }
@@ -93,7 +89,7 @@ impl Monitor {
             cr3: u64,
             cs: Seg,
         }
-        let vcpus = self.vmm().call::<Status>(Request::Status)?.vcpus;
+        let vcpus = self.vcpu_count()?;
         let mut out = Vec::new();
         for vcpu in 0..vcpus {
             let s: Sregs = self.vmm().call(Request::GetSregs { vcpu })?;

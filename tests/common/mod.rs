@@ -223,6 +223,10 @@ pub fn rerun_in_carrier(test_name: &str) -> bool {
     if let Ok(image) = dvisor_images::current_guest_image() {
         let _ = dvisor_monitor::profile::KernelProfile::load_or_build(&image.vmlinux);
     }
+    // One carrier at a time per test binary: two nested guests on TCG
+    // starve each other (and the carrier's KVM then misbehaves).
+    static ONE_CARRIER: Mutex<()> = Mutex::new(());
+    let _one = ONE_CARRIER.lock().unwrap_or_else(|p| p.into_inner());
     let exe = std::env::current_exe().expect("test executable");
     let run = || {
         dvisor()

@@ -76,7 +76,7 @@ impl<'a, M: PhysRead> Vmi<'a, M> {
             match paging::translate(mem, pgd, mode, init_task) {
                 Ok(_) => {
                     vmi.check_init_task()?;
-                    return Ok(vmi);
+                    return Ok(vmi.on_kernel_pgd());
                 }
                 Err(e) => last = Some(e),
             }
@@ -85,6 +85,23 @@ impl<'a, M: PhysRead> Vmi<'a, M> {
             "init_task at {init_task:#x} is not mapped by CR3 {cr3:#x}: {}",
             last.map(|e| e.to_string()).unwrap_or_default()
         )))
+    }
+
+    /// Moves the view from the CR3 it was found through to the kernel's own
+    /// top-level table, `init_top_pgt` (swapper_pg_dir). The CR3 a vCPU
+    /// had at attach belongs to whatever process ran there; that process
+    /// may exit and its table page be reused, while the view is kept for
+    /// the whole boot. Every process's kernel half is a copy of this one.
+    fn on_kernel_pgd(self) -> Self {
+        let Ok(va) = self.symbol("init_top_pgt") else { return self };
+        let Ok(t) = paging::translate(self.mem, self.view.kernel_pgd, self.mode(), va) else { return self };
+        let view = KernelView { kernel_pgd: t.pa, ..self.view };
+        let moved = Vmi { view, ..self };
+        // It must map what the old root mapped; otherwise keep the old root.
+        match moved.check_init_task() {
+            Ok(()) => moved,
+            Err(_) => Vmi { view: KernelView { kernel_pgd: self.view.kernel_pgd, ..view }, ..moved },
+        }
     }
 
     /// Re-attaches with a known view (no register reads).
