@@ -200,7 +200,9 @@ pub enum PatchCmd {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "See docs/patching.md for the command file (J/V/P lines) and how to compile a patch.")]
+#[command(after_help = "Compile a patch with: gcc -c -O2 -fpic -fno-asynchronous-unwind-tables -ffunction-sections -fdata-sections patch.c\n\
+Sample patches of the demo service: $(dvisor image path)/patches/{v2,fix,var,ptr,callback}.{o,cmd}\n\
+See docs/patching.md for the command file (J/V/P lines).")]
 pub struct PatchApplyArgs {
     /// The process to patch, by pid.
     #[arg(long, conflicts_with = "comm", required_unless_present = "comm")]
@@ -217,7 +219,7 @@ pub struct PatchApplyArgs {
     /// The target program's ELF with symbols [default: the image's host copy of the program the process runs].
     #[arg(long, value_name = "FILE")]
     pub binary: Option<std::path::PathBuf>,
-    /// Do not check that no thread is inside a replaced function.
+    /// Skip the safe-mode check (no thread executing in, or returning into, a replaced function).
     #[arg(long = "unsafe")]
     pub unsafe_mode: bool,
     #[command(flatten)]
