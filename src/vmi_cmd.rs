@@ -201,7 +201,7 @@ pub enum PatchCmd {
 
 #[derive(Debug, Args)]
 #[command(after_help = "Compile a patch with: gcc -c -O2 -fpic -fno-asynchronous-unwind-tables -ffunction-sections -fdata-sections patch.c\n\
-Sample patches of the demo service: $(dvisor image path)/patches/{v2,fix,var,ptr,callback}.{o,cmd}\n\
+Sample patches of the demo service: $(dvisor image path)/patches/{v2,fix,var,ptr,callback,handler}.{o,cmd}\n\
 See docs/patching.md for the command file (J/V/P lines).")]
 pub struct PatchApplyArgs {
     /// The process to patch, by pid.
@@ -320,6 +320,9 @@ pub fn patch(cmd: PatchCmd) -> anyhow::Result<i32> {
                     println!("{}  pid {}  {}  space {:#x}+{:#x}", p.id, p.pid, p.object, p.space, p.space_len);
                     for s in p.sites {
                         println!("    {:#x} {} ({} -> {})", s.addr, s.target, s.original, s.new);
+                    }
+                    for b in p.bodies {
+                        println!("    {:#x}+{:#x} body of {}: free for later patches' code", b.addr, b.original.len() / 2, b.target);
                     }
                 }
             }

@@ -59,6 +59,7 @@ pub const SAMPLE_PATCHES: &[SamplePatch] = &[
     sample!("var", "empty.c", "var.cmd"),
     sample!("ptr", "ptr.c", "ptr.cmd"),
     sample!("callback", "callback.c", "callback.cmd"),
+    sample!("handler", "handler.c", "handler.cmd"),
 ];
 
 /// Compiles the demo service into `out` (work files go into `work`).

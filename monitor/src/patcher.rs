@@ -8,12 +8,11 @@
 //! bytes back in one pause and unmaps the space.
 //!
 //! Space comes from a per-process free map (`space.rs`): a reverted
-//! patch's bytes are reused by the next one, and only an area that
+//! patch's bytes are reused by the next one, the bodies of functions a
+//! patch redirected hold later code-only patches, and only an area that
 //! becomes entirely free is unmapped. The applied patches and the maps are
 //! saved beside the control socket, so a restarted monitor knows them.
-//!
-//! Not yet here: reuse of replaced function bodies, and the return-address
-//! scan of user stacks.
+//! The safe-mode check is in `safety.rs`.
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
@@ -83,7 +82,14 @@ pub struct AppliedPatch {
     pub sites: Vec<Site>,
     pub timing: Timing,
     pub attempts: u32,
+    /// Bodies of the functions this patch redirected, given to the free
+    /// map for later patches' code, with their bytes to put back on revert.
+    #[serde(default)]
+    pub bodies: Vec<Site>,
 }
+
+/// The smallest replaced body worth giving to the free map.
+const MIN_BODY: u64 = 16;
 
 struct ProgramPlacement {
     load_base: u64,
@@ -237,7 +243,8 @@ impl Monitor {
         let align = obj.required_alignment().max(16);
 
         let t = Instant::now();
-        let space = self.allocate_space(pid, len, align, placed.hint)?;
+        let code_only = obj.is_read_only();
+        let space = self.allocate_space(pid, len, align, placed.hint, code_only)?;
         let alloc = t.elapsed();
         let result = self.apply_in(pid, &obj, &cmds, &program, space, len, unsafe_mode, alloc, &obj_name);
         if result.is_err() {
@@ -353,7 +360,7 @@ impl Monitor {
         const PROC_SELF_MEM: &[u8] = b"/proc/self/mem\0";
         const SLOT: u64 = 32;
         let scratch_len = SLOT * (sites.len() as u64 + 1);
-        let scratch = self.allocate_space(pid, scratch_len, 16, SPACE_HINT)?;
+        let scratch = self.allocate_space(pid, scratch_len, 16, SPACE_HINT, false)?;
         let result = (|| {
             let mut data = vec![0u8; scratch_len as usize];
             data[..PROC_SELF_MEM.len()].copy_from_slice(PROC_SELF_MEM);
@@ -407,8 +414,11 @@ impl Monitor {
 
     /// Takes `len` bytes from the process's free map, mapping a new area
     /// (injected mmap) only when no free range fits.
-    fn allocate_space(&self, pid: u32, len: u64, align: u64, hint: u64) -> Result<u64, MonitorError> {
-        if let Some(at) = self.with_space(pid, |m| m.allocate(len, align)) {
+    /// `code_only` patches (no writable data) may also go into the bodies
+    /// of functions replaced by applied patches.
+    fn allocate_space(&self, pid: u32, len: u64, align: u64, hint: u64, code_only: bool) -> Result<u64, MonitorError> {
+        let taken = self.with_space(pid, |m| if code_only { m.allocate_code(len, align) } else { m.allocate(len, align) });
+        if let Some(at) = taken {
             return Ok(at);
         }
         let area_len = len.div_ceil(PAGE) * PAGE;
@@ -500,8 +510,13 @@ impl Monitor {
             return Err(err("linked patch is larger than its space"));
         }
         let t = Instant::now();
+        let in_body = self.with_space(pid, |m| m.in_body(Range { start: space, len }));
         if !linked.bytes.is_empty() {
-            self.check_private_writable(pid, space, linked.bytes.len() as u64)?;
+            // A body is program text, read-only to the process; its page
+            // was copied for the process when its function was patched.
+            if !in_body {
+                self.check_private_writable(pid, space, linked.bytes.len() as u64)?;
+            }
             self.write_process(pid, &[(space, linked.bytes.clone())])?;
         }
         let write_patch = t.elapsed();
@@ -581,7 +596,10 @@ impl Monitor {
                     sites,
                     timing,
                     attempts,
+                    bodies: Vec::new(),
                 };
+                let mut applied = applied;
+                applied.bodies = self.donate_bodies(pid, id, &resolved);
                 self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).applied.push(applied.clone());
                 self.save_patches();
                 return Ok(applied);
@@ -602,18 +620,79 @@ impl Monitor {
         self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).applied.clone()
     }
 
+    /// Gives the free map the bodies of the functions patch `id` just
+    /// redirected: the part behind the jump on the jump's own page (the
+    /// page the process got its own copy of), when it is big enough. No
+    /// thread is in them (the safe-mode check covered the whole function)
+    /// and none can enter (the jump). Returns them with their bytes.
+    fn donate_bodies(&self, pid: u32, id: u32, resolved: &[patch::ResolvedCommand]) -> Vec<Site> {
+        let mut out = Vec::new();
+        for r in resolved {
+            let ResolvedAction::Jump { target_addr, target_size, jump, .. } = &r.action else { continue };
+            let start = target_addr + jump.len() as u64;
+            let end = (target_addr + target_size).min((target_addr & !(PAGE - 1)) + PAGE);
+            if end < start + MIN_BODY {
+                continue;
+            }
+            let Ok(bytes) = self.read_process(pid, start, (end - start) as usize) else { continue };
+            self.with_space(pid, |m| m.add_body(Range { start, len: end - start }, id));
+            out.push(Site { target: r.target.clone(), addr: start, original: hex(&bytes), new: String::new() });
+        }
+        out
+    }
+
     /// Restores every site of patch `id` in one pause and frees its space.
+    /// Bodies it gave to the free map must be empty again; their bytes go
+    /// back in the same pause, once no thread executes in or returns into
+    /// them (a patch that lived there may just have been reverted).
     pub fn revert_patch(&self, id: u32) -> Result<AppliedPatch, MonitorError> {
         let p = self
             .patches()
             .into_iter()
             .find(|p| p.id == id)
             .ok_or_else(|| err(format!("no applied patch {id}: see `dvisor patch list`")))?;
-        let writes: Vec<(u64, Vec<u8>)> = p.sites.iter().map(|s| (s.addr, unhex(&s.original))).collect();
-        let _: serde_json::Value = self.vmm().call(Request::Pause)?;
-        let written = self.write_process(p.pid, &writes);
-        let _: serde_json::Value = self.vmm().call(Request::Resume)?;
-        written?;
+        if let Err(used) = self.with_space(p.pid, |m| m.free_bodies_of(id)) {
+            let tenant = self
+                .patches()
+                .into_iter()
+                .find(|q| q.pid == p.pid && q.space >= used.start && q.space < used.end())
+                .map(|q| q.id.to_string())
+                .unwrap_or_else(|| "?".into());
+            return Err(err(format!(
+                "patch {id} redirected a function whose body ({:#x}+{:#x}) now holds patch {tenant}: revert that first (`dvisor patch revert {tenant}`)",
+                used.start, used.len
+            )));
+        }
+        let mut writes: Vec<(u64, Vec<u8>)> = p.sites.iter().map(|s| (s.addr, unhex(&s.original))).collect();
+        writes.extend(p.bodies.iter().map(|b| (b.addr, unhex(&b.original))));
+        let ranges: Vec<(u64, u64)> = p.bodies.iter().map(|b| (b.addr, b.addr + (b.original.len() / 2) as u64)).collect();
+        let (pgd, tasks) = self.process_handles(p.pid)?;
+        let vmas = if ranges.is_empty() { Vec::new() } else { self.with_vmi(false, |v| v.memory_map(p.pid))? };
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let _: serde_json::Value = self.vmm().call(Request::Pause)?;
+            let busy = if ranges.is_empty() { Ok(None) } else { self.busy_in(pgd, &tasks, &vmas, &ranges) };
+            let written = match busy {
+                Ok(None) => Some(self.write_pgd(pgd, &writes)),
+                Ok(Some(_)) => None,
+                Err(e) => Some(Err(e)),
+            };
+            let _: serde_json::Value = self.vmm().call(Request::Resume)?;
+            match written {
+                Some(w) => {
+                    w?;
+                    break;
+                }
+                None if attempts >= RETRIES => {
+                    return Err(err(format!(
+                        "not safe to revert patch {id} now: a thread is still in the code that was placed in its replaced function's body; retry"
+                    )))
+                }
+                None => std::thread::sleep(BACKOFF),
+            }
+        }
+        self.with_space(p.pid, |m| m.remove_bodies(id)).map_err(|r| err(format!("body {:#x} in use", r.start)))?;
         self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).applied.retain(|a| a.id != id);
         self.release_space(p.pid, Range { start: p.space, len: p.space_len })?;
         Ok(p)

@@ -207,6 +207,8 @@ pub fn heartbeat(line: &str) -> Option<(u64, String)> {
 const GUEST_CRASH: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
 /// Exit status of a test run inside the carrier whose guest crashed so.
 const GUEST_CRASHED_IN_CARRIER: i32 = 3;
+/// Reruns of a test whose carrier or guest died under it.
+const RERUNS: u32 = 2;
 
 /// Tests that need several host processes around one VM (monitor, CLI,
 /// tap device) run whole inside the carrier when this host has no hardware
@@ -242,12 +244,15 @@ pub fn rerun_in_carrier(test_name: &str) -> bool {
     // without reporting (seen: a soft lockup of its KVM, nested on TCG).
     // Status 3 is the guest dying of a triple fault inside the carrier,
     // which its nested SVM on TCG does now and then with no patch or VMI
-    // write involved (docs/carrier.md). Either reruns the test once, and
-    // says so; a test that fails otherwise (101) is never retried, and a
-    // crash that happens twice fails.
-    if matches!(st.code(), Some(2) | Some(GUEST_CRASHED_IN_CARRIER)) {
+    // write involved (docs/carrier.md). Either reruns the test, at most
+    // RERUNS times, and says so; a test that fails otherwise (101) is never
+    // retried.
+    for rerun in 1..=RERUNS {
+        if !matches!(st.code(), Some(2) | Some(GUEST_CRASHED_IN_CARRIER)) {
+            break;
+        }
         let what = if st.code() == Some(2) { "the carrier VM died" } else { "the guest triple-faulted inside the carrier" };
-        eprintln!("NOTE: {what} under {test_name}; running it once more");
+        eprintln!("NOTE: {what} under {test_name}; rerun {rerun} of {RERUNS}");
         st = run();
     }
     assert!(st.success(), "{test_name} failed inside the carrier ({st})");

@@ -483,6 +483,12 @@ impl PatchObject {
         usize::try_from(self.layout.size).unwrap_or(usize::MAX)
     }
 
+    /// Whether the patch has nothing it writes itself (no non-empty data or
+    /// bss section): it can then live in read-only program text.
+    pub fn is_read_only(&self) -> bool {
+        self.sections.iter().all(|s| s.size == 0 || matches!(s.kind, SectionKind::Text | SectionKind::Rodata))
+    }
+
     /// The alignment the patch base must have (at most a page).
     pub fn required_alignment(&self) -> u64 {
         self.layout.align

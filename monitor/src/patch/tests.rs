@@ -588,7 +588,7 @@ fn every_sample_command_file_parses() {
             n += 1;
         }
     }
-    assert_eq!(n, 5);
+    assert_eq!(n, 6);
 }
 
 #[test]
@@ -767,6 +767,14 @@ fn linked_patches_run() {
         let ptr = run_patched("ptr.c", model, &sample_text("ptr.cmd"), FAR);
         assert_eq!(ptr["message_ptr"], "v2-ptr", "{model:?}");
     }
+}
+
+#[test]
+fn read_only_patches_are_told_apart() {
+    assert!(object("v2.c", PIC).is_read_only());
+    assert!(object("handler.c", PIC).is_read_only());
+    let with_data = PatchObject::parse("d.o", &compile_src("int hits; int f(void) { return ++hits; }\n", PIC)).unwrap();
+    assert!(!with_data.is_read_only());
 }
 
 #[test]
