@@ -304,6 +304,8 @@ fn safe_mode_waits_for_threads_to_leave() {
 
     let name = format!("sp{}", std::process::id());
     let mut c = boot(&name, &[]);
+    // The monitor finds the kernel (first VMI request) before anything spins.
+    assert!(!dvisor_json(&["ps", "--vm", &name]).as_array().unwrap().iter().any(|p| p["comm"] == "spin-demo"));
     let mark = c.line_count();
     c.type_line("spin-demo &");
     let at = c.wait_for(mark, "spin-demo spinning", |l| l.contains("spin-demo pid=") && l.contains("spinning"));

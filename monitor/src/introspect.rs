@@ -86,8 +86,21 @@ impl Monitor {
                 return Ok(v);
             }
         }
-        let sregs: Sregs = self.vmm().call(Request::GetSregs { vcpu: 0 })?;
-        let lstar = self.vmm().read_msr(0, MSR_LSTAR)?;
+        // Read with the VM paused: a vCPU's registers are only read while
+        // it is out of the guest anyway, and reading them from a running
+        // VM was followed by guest crashes in the carrier (docs/carrier.md).
+        #[derive(Deserialize)]
+        struct Paused {
+            already: bool,
+        }
+        let p: Paused = self.vmm().call(Request::Pause)?;
+        let regs = (|| -> Result<(Sregs, u64), MonitorError> {
+            Ok((self.vmm().call(Request::GetSregs { vcpu: 0 })?, self.vmm().read_msr(0, MSR_LSTAR)?))
+        })();
+        if !p.already {
+            let _: serde_json::Value = self.vmm().call(Request::Resume)?;
+        }
+        let (sregs, lstar) = regs?;
         if lstar == 0 {
             return Err(MonitorError::Vmi("MSR_LSTAR is 0: the guest kernel has not set up system calls yet (still booting?)".into()));
         }
