@@ -171,6 +171,7 @@ pub fn run_forwarding(cmd: &[String], opts: &CarrierOptions, forwards: &[TcpForw
     let err_thread = std::thread::spawn(move || pump_out(err_listener, std::io::stderr()));
 
     let mut term_sent: Option<Instant> = None;
+    let mut last_lockup_check = Instant::now();
     let qemu_status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status.to_string(),
@@ -187,6 +188,17 @@ pub fn run_forwarding(cmd: &[String], opts: &CarrierOptions, forwards: &[TcpForw
         }
         if term_sent.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
             let _ = child.kill();
+        }
+        // A KVM nested on QEMU-TCG can lock up for good (docs/carrier.md);
+        // the command would then wait out every timeout it has. Stop the
+        // carrier instead, so the caller sees it died (status 2).
+        if term_sent.is_none() && last_lockup_check.elapsed() > Duration::from_secs(2) {
+            last_lockup_check = Instant::now();
+            if let Some(line) = locked_up(&tail_file(&console, 20)) {
+                eprintln!("dvisor carrier: the carrier's kernel is locked up ({line}); stopping it");
+                let _ = child.kill();
+                term_sent = Some(Instant::now());
+            }
         }
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -225,6 +237,19 @@ pub fn run_forwarding(cmd: &[String], opts: &CarrierOptions, forwards: &[TcpForw
         eprintln!("dvisor carrier: run dir kept: {}", rundir.keep().display());
     }
     Ok(code)
+}
+
+/// Seconds a soft lockup must have lasted before the carrier is given up.
+const LOCKUP_GIVE_UP_S: u64 = 120;
+
+/// A console line saying a carrier CPU has been stuck for at least
+/// [`LOCKUP_GIVE_UP_S`]: `watchdog: BUG: soft lockup - CPU#0 stuck for 156s! [vcpu0:154]`.
+fn locked_up(console_tail: &str) -> Option<String> {
+    console_tail.lines().find_map(|l| {
+        let rest = &l[l.find("BUG: soft lockup")?..];
+        let secs: u64 = rest.split("stuck for ").nth(1)?.split('s').next()?.parse().ok()?;
+        (secs >= LOCKUP_GIVE_UP_S).then(|| rest.trim().to_string())
+    })
 }
 
 fn join_quietly(h: JoinHandle<()>) {
@@ -427,6 +452,14 @@ impl Drop for SignalGuard {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn long_soft_lockups_are_seen_short_ones_not() {
+        let log = "[  184.609252] watchdog: BUG: soft lockup - CPU#0 stuck for 156s! [vcpu0:154]\n";
+        assert_eq!(super::locked_up(log).as_deref(), Some("BUG: soft lockup - CPU#0 stuck for 156s! [vcpu0:154]"));
+        assert_eq!(super::locked_up("[ 30.1] watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [vcpu1:155]\n"), None);
+        assert_eq!(super::locked_up("heartbeat 3 v1\n"), None);
+    }
+
     use super::*;
 
     #[test]
