@@ -201,6 +201,7 @@ pub enum PatchCmd {
 
 #[derive(Debug, Args)]
 #[command(after_help = "Compile a patch with: gcc -c -O2 -fpic -fno-asynchronous-unwind-tables -ffunction-sections -fdata-sections patch.c\n\
+Build the program to patch with -flive-patching=inline-clone (or -fno-ipa-ra): apply warns when its DWARF says otherwise.\n\
 Sample patches of the demo service: $(dvisor image path)/patches/{v2,fix,var,ptr,callback,handler}.{o,cmd}\n\
 See docs/patching.md for the command file (J/V/P lines).")]
 pub struct PatchApplyArgs {
@@ -306,6 +307,9 @@ pub fn patch(cmd: PatchCmd) -> anyhow::Result<i32> {
                     "pause {} µs: attach {} µs, write jump {} µs, detach {} µs; outside the pause: alloc {} µs, write patch {} µs",
                     t.pause_us, t.attach_us, t.write_jump_us, t.detach_us, t.alloc_us, t.write_patch_us
                 );
+            }
+            for w in &p.warnings {
+                eprintln!("warning: {w}");
             }
         }
         PatchCmd::List(a) => {

@@ -31,6 +31,19 @@ fn compile(src: &Path, out: &Path) {
     assert!(st.success(), "gcc {}", src.display());
 }
 
+/// Where the demo service has `name`, and its size, from the binary's
+/// symbol table (`nm -S`): the program is rebuilt with the image, so its
+/// addresses are not fixed.
+fn symbol(name: &str) -> (String, String) {
+    let binary = dvisor_json(&["image", "path"])["service_binary"].as_str().expect("service_binary").to_string();
+    let out = Command::new("nm").args(["-S", &binary]).output().expect("run nm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.split_whitespace().nth(3) == Some(name)).unwrap_or_else(|| panic!("no {name} in {binary}"));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let hex = |s: &str| u64::from_str_radix(s, 16).unwrap();
+    (format!("{:#x}", hex(f[0])), hex(f[1]).to_string())
+}
+
 fn service_pid(c: &Console) -> u32 {
     let l = c.lines().into_iter().find(|l| l.contains("service started pid=")).expect("service line");
     l.rsplit('=').next().unwrap().trim().parse().unwrap()
@@ -71,7 +84,8 @@ fn replaced_bodies_are_reused(name: &str, pid: &str, dir: &Path) {
     };
     let rwx = || dvisor_json(&["maps", "--vm", name, pid]).as_array().unwrap().iter().filter(|v| v["perms"] == "rwxp").count();
     let addr = common::GUEST_IP.to_string() + ":8080";
-    let handler_code = dvisor_json(&["mem", "--vm", name, pid, "0x4018c0", "169"]);
+    let (handler_at, handler_len) = symbol("handle_request");
+    let handler_code = dvisor_json(&["mem", "--vm", name, pid, &handler_at, &handler_len]);
 
     let handler = apply(&obj("handler"));
     let answer = common::fetch(&addr);
@@ -91,9 +105,36 @@ fn replaced_bodies_are_reused(name: &str, pid: &str, dir: &Path) {
     assert!(!ok && err.contains("revert that first"), "the handler was reverted under v2: {err}");
     dvisor_json(&["patch", "revert", "--vm", name, &v2["id"].to_string()]);
     dvisor_json(&["patch", "revert", "--vm", name, &handler["id"].to_string()]);
-    assert_eq!(dvisor_json(&["mem", "--vm", name, pid, "0x4018c0", "169"]), handler_code, "handle_request not restored");
+    assert_eq!(dvisor_json(&["mem", "--vm", name, pid, &handler_at, &handler_len]), handler_code, "handle_request not restored");
     let answer = common::fetch(&addr);
     assert!(answer.starts_with("counter=") && !answer.contains("handler="), "{answer:?}");
+}
+
+/// The callback sample's get_message() calls the program's reply_counter()
+/// (counter + 1, its off-by-one) and the patch's own parity(), so each
+/// heartbeat N says "even" or "odd" for N + 1. A program built with IPA-RA
+/// would die here: heartbeat() keeps its printf format in %rdi across
+/// get_message(), and the call to parity() clobbers it (docs/patching.md).
+fn calls_into_the_program_and_itself(c: &Console, name: &str, pid: &str, dir: &Path) {
+    let o = dir.join("callback.o");
+    compile(&samples().join("callback.c"), &o);
+    let cmd = samples().join("callback.cmd");
+    let mark = c.line_count();
+    let applied = dvisor_json(&[
+        "patch", "apply", "--vm", name, "--pid", pid,
+        "--object", o.to_str().unwrap(), "--commands", cmd.to_str().unwrap(),
+    ]);
+    let parity = |l: &str| heartbeat(l).filter(|(_, m)| m == "even" || m == "odd");
+    let first = c.wait_for(mark, "an even/odd heartbeat", |l| parity(l).is_some());
+    let (n0, _) = parity(&c.lines()[first]).unwrap();
+    c.wait_for(first, "four even/odd heartbeats", |l| parity(l).is_some_and(|(n, _)| n >= n0 + 3));
+    let beats: Vec<(u64, String)> = c.lines()[first..].iter().filter_map(|l| heartbeat(l)).collect();
+    for (n, m) in &beats {
+        assert_eq!(m, ["even", "odd"][((n + 1) & 1) as usize], "heartbeat {n} with the callback patch: {beats:?}");
+    }
+    dvisor_json(&["patch", "revert", "--vm", name, &applied["id"].to_string()]);
+    let mark = c.line_count();
+    c.wait_for(mark, "a v1 heartbeat after the callback's revert", |l| heartbeat(l).is_some_and(|(_, m)| m == "v1"));
 }
 
 /// The guest's own md5sum of `path`, typed at its shell.
@@ -153,7 +194,9 @@ fn live_patch_the_running_service() {
     let mut c = boot(&name, &["--net", &format!("tap={}", common::TAP), "--cmdline", &cmdline]);
     let pid = service_pid(&c);
     let p = pid.to_string();
-    let code_before = dvisor_json(&["mem", "--vm", &name, &p, "0x401850", "16"]);
+    let (get_message, _) = symbol("get_message");
+    let code = || dvisor_json(&["mem", "--vm", &name, &p, &get_message, "16"]);
+    let code_before = code();
     let maps_before = dvisor_json(&["maps", "--vm", &name, &p]).as_array().unwrap().len();
 
     // --- bad inputs: refused, nothing in the process changes
@@ -175,7 +218,7 @@ fn live_patch_the_running_service() {
         assert!(!ok, "a bad patch was accepted ({expect})");
         assert!(err.contains(expect), "error for {expect} should name it:\n{err}");
     }
-    assert_eq!(dvisor_json(&["mem", "--vm", &name, &p, "0x401850", "16"]), code_before, "refused patches changed code");
+    assert_eq!(code(), code_before, "refused patches changed code");
     assert_eq!(dvisor_json(&["maps", "--vm", &name, &p]).as_array().unwrap().len(), maps_before);
 
     // --- v1 -> v2, same process, state kept, clients served throughout,
@@ -267,10 +310,11 @@ fn live_patch_the_running_service() {
     dvisor_json(&["patch", "revert", "--vm", &name, &id]);
     let mark = c.line_count();
     c.wait_for(mark, "a v1 heartbeat after revert", |l| heartbeat(l).is_some_and(|(_, m)| m == "v1"));
-    assert_eq!(dvisor_json(&["mem", "--vm", &name, &p, "0x401850", "16"]), code_before, "revert left code changed");
+    assert_eq!(code(), code_before, "revert left code changed");
     assert_eq!(dvisor_json(&["maps", "--vm", &name, &p]).as_array().unwrap().len(), maps_before, "patch space not freed");
     assert!(dvisor_json(&["patch", "list", "--vm", &name]).as_array().unwrap().is_empty());
 
+    calls_into_the_program_and_itself(&c, &name, &p, &dir);
     replaced_bodies_are_reused(&name, &p, &dir);
 
     c.type_line("poweroff -f");

@@ -18,7 +18,9 @@ use crate::{kernel_payload, modules, service};
 /// Bump when the image layout or build steps change: it is in the content key.
 /// 2: evdev + dvisor-boot-modules, /usr/bin/evread, /sbin/load-modules.
 /// 3: /usr/bin/spin-demo (static-pie), `programs`, sample patches.
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: programs built with `-flive-patching=inline-clone`; `callback` calls a
+///    function of its own.
+pub const FORMAT_VERSION: u32 = 4;
 pub const MANIFEST_FORMAT: &str = "dvisor-guest-image";
 pub const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// The kernel command line the VMM should use by default.

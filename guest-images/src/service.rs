@@ -16,7 +16,14 @@ use crate::tool::{self, GCC};
 pub const SOURCE: &str = include_str!("../service/demo.c");
 /// Where the service lives inside the guest.
 pub const GUEST_PATH: &str = "/usr/bin/demo-service";
-pub const GCC_FLAGS: &[&str] = &["-static", "-O2", "-g", "-fno-pie", "-no-pie", "-Wall"];
+/// `-flive-patching=inline-clone` is what makes a program patchable function
+/// by function (Linux builds livepatch kernels with it): it turns off the
+/// interprocedural optimisations that let a caller depend on the body of the
+/// function it calls. Without it, gcc's IPA-RA lets `heartbeat` keep its
+/// printf format in %rdi across `get_message()`, and any patch of
+/// `get_message` that touches %rdi (by calling a function) breaks the caller.
+pub const LIVE_PATCHING_FLAG: &str = "-flive-patching=inline-clone";
+pub const GCC_FLAGS: &[&str] = &["-static", "-O2", "-g", LIVE_PATCHING_FLAG, "-fno-pie", "-no-pie", "-Wall"];
 
 pub const EVREAD_SOURCE: &str = include_str!("../service/evread.c");
 /// Where the key reader lives inside the guest.
@@ -27,7 +34,7 @@ pub const SPIN_SOURCE: &str = include_str!("../service/spin-demo.c");
 /// Where spin-demo lives inside the guest.
 pub const SPIN_GUEST_PATH: &str = "/usr/bin/spin-demo";
 /// Position-independent on purpose: its load base differs on every run.
-pub const SPIN_GCC_FLAGS: &[&str] = &["-static-pie", "-fpie", "-O2", "-g", "-Wall", "-Wextra"];
+pub const SPIN_GCC_FLAGS: &[&str] = &["-static-pie", "-fpie", "-O2", "-g", LIVE_PATCHING_FLAG, "-Wall", "-Wextra"];
 
 /// The flags docs/patching.md gives for patch objects.
 pub const PATCH_GCC_FLAGS: &[&str] =

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::daemon::Monitor;
 use crate::error::MonitorError;
-use crate::patch::{self, CommandFile, PatchObject, ResolvedAction};
+use crate::patch::{self, Action, CommandFile, PatchObject, RegisterAssumptions, ResolvedAction, TargetSymbol};
 use crate::space::{Range, SpaceMap};
 use crate::vmi::VmiError;
 
@@ -86,6 +86,9 @@ pub struct AppliedPatch {
     /// map for later patches' code, with their bytes to put back on revert.
     #[serde(default)]
     pub bodies: Vec<Site>,
+    /// What the user should know about this apply (said once, not kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// The smallest replaced body worth giving to the free map.
@@ -116,6 +119,27 @@ const STATE_FORMAT: u32 = 1;
 pub struct PatchState {
     state: Mutex<Saved>,
     file: Mutex<Option<std::path::PathBuf>>,
+}
+
+/// A warning for each redirected function whose callers gcc may have let
+/// keep values in registers the original body leaves alone (IPA-RA; see
+/// `patch::compiled`).
+fn register_warnings(bin: &[u8], cmds: &CommandFile, program: &HashMap<String, TargetSymbol>, load_base: u64, binary: &Path) -> Vec<String> {
+    cmds.commands
+        .iter()
+        .filter(|c| matches!(c.action, Action::Jump { .. }))
+        .filter_map(|c| {
+            let sym = program.get(&c.target)?;
+            match patch::register_assumptions(bin, sym.addr - load_base) {
+                RegisterAssumptions::Possible { producer } => Some(format!(
+                    "{} was compiled with gcc's interprocedural register allocation ({producer:?} in {}'s DWARF): its callers may keep values in registers the original leaves alone, so the patch must not change more registers than it did. Rebuild the program with -flive-patching=inline-clone (or -fno-ipa-ra) to patch it freely (docs/patching.md)",
+                    c.target,
+                    binary.display()
+                )),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 fn hex(b: &[u8]) -> String {
@@ -250,7 +274,7 @@ impl Monitor {
         if result.is_err() {
             let _ = self.release_space(pid, Range { start: space, len });
         }
-        result
+        result.map(|applied| AppliedPatch { warnings: register_warnings(&bin, &cmds, &program, placed.load_base, binary), ..applied })
     }
 
     /// Where the program runs in `pid`: the load base of a PIE (the start
@@ -597,6 +621,7 @@ impl Monitor {
                     timing,
                     attempts,
                     bodies: Vec::new(),
+                    warnings: Vec::new(),
                 };
                 let mut applied = applied;
                 applied.bodies = self.donate_bodies(pid, id, &resolved);

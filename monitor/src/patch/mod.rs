@@ -13,6 +13,7 @@
 //! let (patch, commands) = link(&obj, &cmds, &program, base)?;
 //! ```
 pub mod commands;
+pub mod compiled;
 mod elf;
 pub mod error;
 pub mod jump;
@@ -24,6 +25,7 @@ pub mod target;
 mod tests;
 
 pub use commands::{Action, Command, CommandFile};
+pub use compiled::{register_assumptions, RegisterAssumptions};
 pub use error::PatchError;
 pub use jump::{fits, jump_bytes, jump_len, JMP_ABS64_LEN, JMP_REL32_LEN};
 pub use link::{check, link, required_size, LinkedPatch, PlacedSection, ResolvedAction, ResolvedCommand};
