@@ -23,7 +23,7 @@ struct Transcript {
 fn session() -> &'static Transcript {
     static T: OnceLock<Result<Transcript, String>> = OnceLock::new();
     let result = T.get_or_init(|| {
-        std::panic::catch_unwind(run_session).map_err(|e| {
+        std::panic::catch_unwind(|| common::carrier_reruns("the boot session", run_session)).map_err(|e| {
             e.downcast_ref::<String>().cloned().unwrap_or_else(|| "session panicked".into())
         })
     });

@@ -8,6 +8,10 @@ const SECTOR: usize = 512;
 
 #[test]
 fn guest_writes_reach_the_file_and_readonly_disks_refuse_writes() {
+    common::carrier_reruns("guest_writes_reach_the_file_and_readonly_disks_refuse_writes", disk_session);
+}
+
+fn disk_session() {
     common::ensure_image();
     let dir = std::env::temp_dir().join(format!("dvisor-disk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -6,6 +6,10 @@ use common::{heartbeat, Console};
 
 #[test]
 fn on_reboot_exit_stops_with_status_3() {
+    common::carrier_reruns("on_reboot_exit_stops_with_status_3", reboot_session);
+}
+
+fn reboot_session() {
     common::ensure_image();
     let mut c = Console::start(&["--vcpus", "1", "--on-reboot", "exit"]);
     c.wait_for(0, "the first heartbeat", |l| heartbeat(l).is_some());

@@ -39,6 +39,7 @@ pub struct Console {
     stdin: Option<ChildStdin>,
     shared: Arc<(Mutex<Shared>, Condvar)>,
     stderr: Arc<Mutex<String>>,
+    stderr_reader: std::thread::JoinHandle<()>,
 }
 
 impl Console {
@@ -80,12 +81,12 @@ impl Console {
         });
         let stderr = Arc::new(Mutex::new(String::new()));
         let e2 = stderr.clone();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             let mut s = String::new();
             let _ = stderr_pipe.read_to_string(&mut s);
             e2.lock().unwrap().push_str(&s);
         });
-        Console { stdin: child.stdin.take(), child, shared, stderr }
+        Console { stdin: child.stdin.take(), child, shared, stderr, stderr_reader }
     }
 
     /// Waits until `found` answers from the console seen so far. Panics
@@ -174,14 +175,24 @@ impl Drop for Console {
         // call, an assertion) still shows what the guest and the VMM said
         // last: a VMM that died prints its reason there.
         if std::thread::panicking() {
-            let _ = self.child.try_wait();
-            std::thread::sleep(Duration::from_millis(300));
+            // All of stderr: the VMM's last words come at its exit.
+            if let Ok(None) = self.child.try_wait() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while !self.stderr_reader.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let tail: Vec<_> = {
                 let g = self.shared.0.lock().unwrap();
                 g.lines.iter().rev().take(40).rev().cloned().collect()
             };
             let stderr = self.stderr();
             eprintln!("--- console tail ---\n{}\n--- dvisor run stderr ---\n{stderr}", tail.join("\n"));
+            if stderr.contains(GUEST_CRASH) || stderr.contains(CARRIER_LOCKUP) {
+                CARRIER_FAILED.set(true);
+            }
             if std::env::var_os("DVISOR_IN_CARRIER").is_some() && stderr.contains(GUEST_CRASH) {
                 // See rerun_in_carrier: the host side decides on a rerun.
                 eprintln!("NOTE: the guest crashed under the carrier's nested KVM");
@@ -209,6 +220,39 @@ const GUEST_CRASH: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
 const GUEST_CRASHED_IN_CARRIER: i32 = 3;
 /// Reruns of a test whose carrier or guest died under it.
 const RERUNS: u32 = 2;
+/// What `dvisor run` and `dvisor carrier` say when the carrier's own
+/// kernel locked up and they stopped it.
+const CARRIER_LOCKUP: &str = "the carrier's kernel is locked up";
+
+thread_local! {
+    /// Set by a Console dropped in a panic whose VMM or carrier died of
+    /// the carrier's own faults (see `carrier_reruns`).
+    static CARRIER_FAILED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `test`, a test that boots its guest with `dvisor run` on this host
+/// (through the carrier when there is no hardware KVM), again when it
+/// failed because the carrier did: the carrier's kernel locked up, or the
+/// guest triple-faulted under the carrier's nested KVM (docs/carrier.md).
+/// At most RERUNS times, and says so. Any other failure, and any failure
+/// on a host with hardware KVM, is the test's own.
+pub fn carrier_reruns<T>(test_name: &str, test: impl Fn() -> T) -> T {
+    let mut rerun = 0;
+    loop {
+        CARRIER_FAILED.set(false);
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&test)) {
+            Ok(v) => return v,
+            Err(e) => {
+                let carrier = CARRIER_FAILED.get() && !dvisor_images::carrier::host_has_hardware_kvm();
+                if !carrier || rerun == RERUNS {
+                    std::panic::resume_unwind(e);
+                }
+                rerun += 1;
+                eprintln!("NOTE: the carrier failed under {test_name}; rerun {rerun} of {RERUNS}");
+            }
+        }
+    }
+}
 
 /// Tests that need several host processes around one VM (monitor, CLI,
 /// tap device) run whole inside the carrier when this host has no hardware
