@@ -30,6 +30,11 @@ pub struct PatchBenchArgs {
 struct Row {
     kib: u64,
     pause_ms: f64,
+    /// The pause's parts: stopping the vCPUs (with their registers), the
+    /// safe-mode check, and letting them run again.
+    attach_ms: f64,
+    check_ms: f64,
+    detach_ms: f64,
     write_patch_ms: f64,
     paper_ms: f64,
     ratio: f64,
@@ -92,8 +97,9 @@ pub fn patch(args: PatchBenchArgs) -> anyhow::Result<i32> {
                 "patch", "apply", "--vm", &name, "--comm", "demo-service",
                 "--object", obj.to_str().unwrap_or_default(), "--commands", cmd.to_str().unwrap_or_default(),
             ])?;
-            let pause_ms = a["timing"]["pause_us"].as_f64().unwrap_or(0.0) / 1e3;
-            let write_patch_ms = a["timing"]["write_patch_us"].as_f64().unwrap_or(0.0) / 1e3;
+            let ms = |k: &str| a["timing"][k].as_f64().unwrap_or(0.0) / 1e3;
+            let (pause_ms, write_patch_ms) = (ms("pause_us"), ms("write_patch_us"));
+            let (attach_ms, check_ms, detach_ms) = (ms("attach_us"), ms("check_us"), ms("detach_us"));
             // A pause means nothing if the patch does not work: the
             // service must beat "v2" now, and "v1" again after the revert.
             vm.wait_line_within(BEAT, |l| l.contains("heartbeat ") && l.ends_with(" v2"))
@@ -102,7 +108,16 @@ pub fn patch(args: PatchBenchArgs) -> anyhow::Result<i32> {
             json(&["patch", "revert", "--vm", &name, &id])?;
             vm.wait_line_within(BEAT, |l| l.contains("heartbeat ") && l.ends_with(" v1"))
                 .with_context(|| format!("no v1 heartbeat after reverting the {kib} KiB patch"))?;
-            rows.push(Row { kib, pause_ms, write_patch_ms, paper_ms: paper_ms(kib), ratio: paper_ms(kib) / pause_ms });
+            rows.push(Row {
+                kib,
+                pause_ms,
+                attach_ms,
+                check_ms,
+                detach_ms,
+                write_patch_ms,
+                paper_ms: paper_ms(kib),
+                ratio: paper_ms(kib) / pause_ms,
+            });
         }
         // The baseline: restart the service and wait until it beats again.
         let restart = vm.time_command(
@@ -119,9 +134,15 @@ pub fn patch(args: PatchBenchArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!("live patch of the running demo service (get_message), pause window per patch size");
-    println!("{:>7} {:>11} {:>16} {:>17} {:>8}", "size", "pause ms", "write patch ms", "paper ptrace ms", "paper/us");
+    println!(
+        "{:>7} {:>9} {:>7} {:>7} {:>7} {:>15} {:>16} {:>8}",
+        "size", "pause ms", "attach", "check", "detach", "write patch ms", "paper ptrace ms", "paper/us"
+    );
     for r in &rows {
-        println!("{:>4} KiB {:>11.2} {:>16.2} {:>17.3} {:>7.2}x", r.kib, r.pause_ms, r.write_patch_ms, r.paper_ms, r.ratio);
+        println!(
+            "{:>4} KiB {:>9.2} {:>7.2} {:>7.2} {:>7.2} {:>15.2} {:>16.3} {:>7.2}x",
+            r.kib, r.pause_ms, r.attach_ms, r.check_ms, r.detach_ms, r.write_patch_ms, r.paper_ms, r.ratio
+        );
     }
     let mut pauses: Vec<f64> = rows.iter().map(|r| r.pause_ms).collect();
     pauses.sort_by(f64::total_cmp);

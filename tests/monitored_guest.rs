@@ -247,4 +247,17 @@ fn garbage_gets_errors(api: &str) {
     assert_eq!(code(&ask(br#"{"id":12,"op":"keys","text":"caf\u00e9"}"#)), "bad_request");
     let st = ask(br#"{"id":13,"op":"status"}"#);
     assert_eq!(st["ok"]["state"], "running", "{st}");
+
+    // pause_with_state: each vCPU's registers as its thread read them while
+    // parking, the same that get_regs/get_sregs then read from the stopped
+    // vCPU.
+    let p = ask(br#"{"id":14,"op":"pause_with_state"}"#);
+    let vcpus = p["ok"]["vcpus"].as_array().unwrap_or_else(|| panic!("{p}")).clone();
+    assert_eq!(vcpus.len(), 2, "{p}");
+    for v in &vcpus {
+        let n = v["vcpu"].as_u64().unwrap();
+        assert_eq!(ask(format!(r#"{{"id":15,"op":"get_regs","vcpu":{n}}}"#).as_bytes())["ok"], v["regs"], "vCPU {n}");
+        assert_eq!(ask(format!(r#"{{"id":16,"op":"get_sregs","vcpu":{n}}}"#).as_bytes())["ok"], v["sregs"], "vCPU {n}");
+    }
+    assert_eq!(ask(br#"{"id":17,"op":"resume"}"#)["ok"]["already"], false);
 }

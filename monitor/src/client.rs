@@ -23,16 +23,17 @@ use crate::error::MonitorError;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One server line, loosely typed: the request id says what `ok` holds.
+/// The monitor's control socket speaks the same shape (without ids).
 #[derive(Debug, Deserialize)]
-struct RawMessage {
+pub(crate) struct RawMessage {
     #[serde(default)]
-    id: Option<u64>,
+    pub id: Option<u64>,
     #[serde(default)]
-    ok: Option<serde_json::Value>,
+    pub ok: Option<serde_json::Value>,
     #[serde(default)]
-    error: Option<ApiError>,
+    pub error: Option<ApiError>,
     #[serde(default)]
-    event: Option<Event>,
+    pub event: Option<Event>,
 }
 
 struct Pending {

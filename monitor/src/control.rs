@@ -7,10 +7,11 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use dvisor_vmm::api::protocol::{ApiError, Event, EventKind, KeyEvent, Regs, Sregs};
+use dvisor_vmm::api::protocol::{Event, EventKind, KeyEvent, Regs, Sregs};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::client::RawMessage;
 use crate::error::MonitorError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,17 +123,6 @@ pub struct VcpuRegs {
     pub sregs: Sregs,
 }
 
-/// One line from the monitor.
-#[derive(Debug, Deserialize)]
-struct RawReply {
-    #[serde(default)]
-    ok: Option<serde_json::Value>,
-    #[serde(default)]
-    error: Option<ApiError>,
-    #[serde(default)]
-    event: Option<Event>,
-}
-
 /// A connection from the operator's CLI to a monitor.
 pub struct ControlClient {
     reader: BufReader<UnixStream>,
@@ -156,7 +146,7 @@ impl ControlClient {
             }
             return match (r.ok, r.error) {
                 (Some(v), _) => serde_json::from_value(v).map_err(|e| MonitorError::Protocol(format!("unexpected reply: {e}"))),
-                (None, Some(e)) => Err(MonitorError::Api(e)),
+                (None, Some(e)) => Err(MonitorError::Monitor(e)),
                 (None, None) => Err(MonitorError::Protocol("reply with neither ok nor error".into())),
             };
         }
@@ -194,7 +184,7 @@ impl ControlClient {
         self.writer.write_all(&line).map_err(|e| MonitorError::Io("writing to the monitor".into(), e))
     }
 
-    fn read_line(&mut self) -> Result<RawReply, MonitorError> {
+    fn read_line(&mut self) -> Result<RawMessage, MonitorError> {
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
             Ok(0) => Err(MonitorError::Disconnected("the monitor".into())),

@@ -350,6 +350,8 @@ fn to_api_error(e: MonitorError) -> ApiError {
     match e {
         MonitorError::Api(e) => e,
         MonitorError::OutOfRange { .. } | MonitorError::Vmi(_) => ApiError::new(ErrorCode::OutOfRange, e.to_string()),
+        MonitorError::Patch(m) => ApiError::new(ErrorCode::Failed, m),
+        MonitorError::PatchInput(m) => ApiError::new(ErrorCode::BadRequest, m),
         other => ApiError::new(ErrorCode::Failed, other.to_string()),
     }
 }

@@ -11,6 +11,9 @@ pub enum MonitorError {
     Disconnected(PathBuf),
     #[error("the VMM refused: {0}")]
     Api(ApiError),
+    /// The monitor's own answer to a CLI request: its message says it all.
+    #[error("{}", .0.message)]
+    Monitor(ApiError),
     #[error("support API protocol error: {0}")]
     Protocol(String),
     #[error("guest physical range {gpa:#x}+{len:#x} is not guest RAM")]
@@ -21,6 +24,12 @@ pub enum MonitorError {
     NoMonitor(PathBuf, std::io::Error),
     #[error("introspection: {0}")]
     Vmi(String),
+    /// A live patch that cannot be applied or reverted (now).
+    #[error("{0}")]
+    Patch(String),
+    /// A patch object, command file or program that is wrong in itself.
+    #[error("{0}")]
+    PatchInput(String),
     #[error("{0} is already served by a running monitor (pid {1})")]
     MonitorRunning(PathBuf, String),
 }

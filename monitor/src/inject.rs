@@ -14,11 +14,22 @@
 //! The thread is caught where it will next run in user mode: the user RIP
 //! saved in the `pt_regs` at the top of its kernel stack (it is asleep in
 //! a system call, or preempted).
+//!
+//! Program text is shared: until the process writes to a code page, that
+//! page is the file's page-cache page, run by every process of the same
+//! program. A `jmp .` written there is harmless to them (one that gets
+//! there spins until the original bytes are back, then goes on as it
+//! would have). A `syscall` written there is not: another process would
+//! run it with its own registers. So the call runs on the `syscall`
+//! instruction the thread has just come back from (the two bytes before
+//! its RIP), with the spin after it; only when those two bytes are not a
+//! `syscall` (a thread taken while it ran user code) is one written.
 use std::time::{Duration, Instant};
 
 use dvisor_vmm::api::protocol::{Regs, Request};
 
 use crate::daemon::Monitor;
+use crate::safety::user_vcpus;
 use crate::error::MonitorError;
 use crate::vmi::VmiError;
 
@@ -80,7 +91,10 @@ impl Monitor {
     /// runnable, and its last entry into the kernel (a timer tick while it
     /// spins, or the system call it returns from) saved `at` as its user
     /// RIP. So the VM is paused only a few times per catch, not every poll.
-    fn catch(&self, pgd: u64, tasks: &[u64], at: u64) -> Result<u32, MonitorError> {
+    ///
+    /// With `rsp`, only the thread with that stack pointer counts: another
+    /// thread of the process may spin at the same place.
+    fn catch(&self, pgd: u64, tasks: &[u64], at: u64, rsp: Option<u64>) -> Result<(u32, Regs), MonitorError> {
         let deadline = Instant::now() + CATCH_TIMEOUT;
         let mut wait = POLL_FIRST;
         // The thread must run to get there (the caller may have paused).
@@ -91,9 +105,11 @@ impl Monitor {
                     .unwrap_or(true)
             });
             if maybe {
-                let _: serde_json::Value = self.vmm().call(Request::Pause)?;
-                if let Some((vcpu, _)) = self.user_vcpus(pgd)?.into_iter().find(|(_, r)| r.rip == at) {
-                    return Ok(vcpu);
+                let vcpus = self.pause_with_state()?;
+                if let Some(caught) =
+                    user_vcpus(&vcpus, pgd).into_iter().find(|(_, r)| r.rip == at && rsp.is_none_or(|sp| r.rsp == sp))
+                {
+                    return Ok(caught);
                 }
                 let _: serde_json::Value = self.vmm().call(Request::Resume)?;
             }
@@ -109,13 +125,13 @@ impl Monitor {
     /// result (rax). The process's registers and code are restored; the
     /// VM is left running.
     pub fn inject_syscall(&self, pid: u32, nr: u64, args: [u64; 6]) -> Result<u64, MonitorError> {
-        let _: serde_json::Value = self.vmm().call(Request::Pause)?;
+        let vcpus = self.pause_with_state()?;
         let mut t = self.syscall_target(pid)?;
         // A thread on a vCPU in user mode right now is taken where it
         // stands (a thread that never enters the kernel, like a spinning
         // one, may never pass its stale saved RIP); otherwise a sleeping
         // thread is caught where it will come back to user mode.
-        let running = self.user_vcpus(t.pgd)?.into_iter().next();
+        let running = user_vcpus(&vcpus, t.pgd).into_iter().next();
         if let Some((_, r)) = &running {
             t.rip = r.rip;
         }
@@ -125,13 +141,19 @@ impl Monitor {
                 Some(v) => v,
                 None => {
                     self.write_user(t.pgd, t.rip, &SPIN)?;
-                    let vcpu = self.catch(t.pgd, &t.tasks, t.rip)?;
-                    (vcpu, self.vmm().call::<Regs>(Request::GetRegs { vcpu })?)
+                    self.catch(t.pgd, &t.tasks, t.rip, None)?
                 }
             };
-            self.write_user(t.pgd, t.rip, &SYSCALL_SPIN)?;
+            // Where the call runs, and the spin it comes back to.
+            let (call_at, back_at) = if self.read_user(t.pgd, t.rip - 2, 2).ok().as_deref() == Some(&SYSCALL_SPIN[..2]) {
+                self.write_user(t.pgd, t.rip, &SPIN)?;
+                (t.rip - 2, t.rip)
+            } else {
+                self.write_user(t.pgd, t.rip, &SYSCALL_SPIN)?;
+                (t.rip, t.rip + 2)
+            };
             let call = Regs {
-                rip: t.rip,
+                rip: call_at,
                 rax: nr,
                 rdi: args[0],
                 rsi: args[1],
@@ -145,8 +167,7 @@ impl Monitor {
             let _: serde_json::Value = self.vmm().call(Request::Resume)?;
             // The call returns to the spin after `syscall`, on whichever
             // vCPU the thread runs then.
-            let done_on = self.catch(t.pgd, &t.tasks, t.rip + 2)?;
-            let after: Regs = self.vmm().call(Request::GetRegs { vcpu: done_on })?;
+            let (done_on, after) = self.catch(t.pgd, &t.tasks, back_at, Some(saved.rsp))?;
             // The thread goes on exactly where it was caught.
             let _: serde_json::Value = self.vmm().call(Request::SetRegs { vcpu: done_on, regs: saved })?;
             Ok(after.rax)

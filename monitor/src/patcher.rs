@@ -18,12 +18,12 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use dvisor_vmm::api::protocol::Request;
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::Monitor;
 use crate::error::MonitorError;
 use crate::patch::{self, Action, CommandFile, PatchObject, RegisterAssumptions, ResolvedAction, TargetSymbol};
+use crate::safety::{BACKOFF, RETRIES};
 use crate::space::{Range, SpaceMap};
 use crate::vmi::VmiError;
 
@@ -45,9 +45,6 @@ const O_RDWR: u64 = 2;
 /// How far below a program high in memory (a PIE) its patch space is
 /// asked for.
 const SPACE_BELOW_PROGRAM: u64 = 64 << 20;
-/// Safe-mode retries when a thread is inside a site, and the wait between.
-const RETRIES: u32 = 20;
-const BACKOFF: Duration = Duration::from_millis(20);
 
 /// One written site: what was there before.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +60,10 @@ pub struct Site {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Timing {
     pub attach_us: u64,
+    /// The safe-mode check, between attach and write jump (the paper's
+    /// breakdown has no step of its own for it).
+    #[serde(default)]
+    pub check_us: u64,
     pub alloc_us: u64,
     pub write_patch_us: u64,
     pub write_jump_us: u64,
@@ -155,11 +156,11 @@ fn us(d: Duration) -> u64 {
 }
 
 fn err(m: impl Into<String>) -> MonitorError {
-    MonitorError::Vmi(m.into())
+    MonitorError::Patch(m.into())
 }
 
 fn patch_err(e: patch::PatchError) -> MonitorError {
-    MonitorError::Vmi(e.to_string())
+    MonitorError::PatchInput(e.to_string())
 }
 
 /// A `Busy` with the replaced function's name.
@@ -213,22 +214,25 @@ impl Monitor {
     /// entry there would be a shared page (the zero page, a COW copy), and
     /// writing it through physical memory would change it for everyone.
     fn check_private_writable(&self, pid: u32, start: u64, len: u64) -> Result<(), MonitorError> {
-        let (pgd, _) = self.process_handles(pid)?;
-        let mut page = start & !(PAGE - 1);
-        while page < start + len {
-            let t = self.with_vmi(false, |v| Ok(crate::paging::translate(v.mem, pgd, v.mode(), page)?))?;
+        let pages: Vec<u64> = ((start & !(PAGE - 1))..start + len).step_by(PAGE as usize).collect();
+        for (page, t) in pages.iter().zip(self.translate_pages(pid, &pages)?) {
             if !t.writable {
                 return Err(err(format!(
                     "patch space page {page:#x} of pid {pid} is mapped read-only (shared page at {:#x}); refusing to write it",
                     t.pa
                 )));
             }
-            page += PAGE;
         }
         Ok(())
     }
 
-    fn write_pgd(&self, pgd: u64, writes: &[(u64, Vec<u8>)]) -> Result<(), MonitorError> {
+    /// How each of `pages` of process `pid` is mapped now.
+    fn translate_pages(&self, pid: u32, pages: &[u64]) -> Result<Vec<crate::paging::Translation>, MonitorError> {
+        let (pgd, _) = self.process_handles(pid)?;
+        self.with_vmi(false, |v| pages.iter().map(|&p| Ok(crate::paging::translate(v.mem, pgd, v.mode(), p)?)).collect())
+    }
+
+    pub(crate) fn write_pgd(&self, pgd: u64, writes: &[(u64, Vec<u8>)]) -> Result<(), MonitorError> {
         self.with_vmi(false, |v| {
             for (addr, data) in writes {
                 let mut probe = vec![0u8; data.len()];
@@ -424,11 +428,7 @@ impl Monitor {
 
     /// The guest-physical frame behind each page of `pid`.
     fn frames_of(&self, pid: u32, pages: &[u64]) -> Result<Vec<u64>, MonitorError> {
-        let (pgd, _) = self.process_handles(pid)?;
-        pages
-            .iter()
-            .map(|&page| self.with_vmi(false, |v| Ok(crate::paging::translate(v.mem, pgd, v.mode(), page)?.pa)))
-            .collect()
+        Ok(self.translate_pages(pid, pages)?.into_iter().map(|t| t.pa).collect())
     }
 
     fn with_private_pages<T>(&self, pid: u32, f: impl FnOnce(&mut std::collections::BTreeMap<u64, u64>) -> T) -> T {
@@ -572,73 +572,49 @@ impl Monitor {
         let (pgd, tasks) = self.process_handles(pid)?;
         let vmas = if unsafe_mode { Vec::new() } else { self.with_vmi(false, |v| v.memory_map(pid))? };
         let all: Vec<(u64, Vec<u8>)> = writes.iter().map(|(_, a, b)| (*a, b.clone())).collect();
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let pause_start = Instant::now();
-            let _: serde_json::Value = self.vmm().call(Request::Pause)?;
-            let attach = pause_start.elapsed();
-            let busy = if unsafe_mode {
-                None
-            } else {
-                match self.busy_in(pgd, &tasks, &vmas, &ranges) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _: serde_json::Value = self.vmm().call(Request::Resume)?;
-                        return Err(e);
-                    }
-                }
-            };
-            if busy.is_none() {
-                let t = Instant::now();
-                let written = self.write_pgd(pgd, &all);
-                let write_jump = t.elapsed();
-                let t = Instant::now();
-                let _: serde_json::Value = self.vmm().call(Request::Resume)?;
-                let detach = t.elapsed();
-                written?;
-                let timing = Timing {
-                    attach_us: us(attach),
-                    alloc_us: us(alloc + cow),
-                    write_patch_us: us(write_patch),
-                    write_jump_us: us(write_jump),
-                    free_us: 0,
-                    detach_us: us(detach),
-                    pause_us: us(pause_start.elapsed()),
-                };
-                let id = {
-                    let mut st = self.patches.state.lock().unwrap_or_else(|p| p.into_inner());
-                    st.next_id += 1;
-                    st.next_id
-                };
-                let applied = AppliedPatch {
-                    id,
-                    pid,
-                    object: obj_name.to_string(),
-                    space,
-                    space_len: len,
-                    sites,
-                    timing,
-                    attempts,
-                    bodies: Vec::new(),
-                    warnings: Vec::new(),
-                };
-                let mut applied = applied;
-                applied.bodies = self.donate_bodies(pid, id, &resolved);
-                self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).applied.push(applied.clone());
-                self.save_patches();
-                return Ok(applied);
-            }
-            let _: serde_json::Value = self.vmm().call(Request::Resume)?;
-            if attempts >= RETRIES {
-                let why = busy.map(|b| describe_busy(&b, &resolved)).unwrap_or_default();
+        let no_ranges = Vec::new();
+        let guarded = self.write_when_safe(pgd, &tasks, &vmas, if unsafe_mode { &no_ranges } else { &ranges }, &all)?;
+        let g = match guarded {
+            Ok(g) => g,
+            Err(busy) => {
                 return Err(err(format!(
-                    "not safe to patch pid {pid} now: {why} (still so after {RETRIES} tries over {:?}); nothing was changed. Retry when it has left, or use --unsafe",
+                    "not safe to patch pid {pid} now: {} (still so after {RETRIES} tries over {:?}); nothing was changed. Retry when it has left, or use --unsafe",
+                    describe_busy(&busy, &resolved),
                     BACKOFF * RETRIES
-                )));
+                )))
             }
-            std::thread::sleep(BACKOFF);
-        }
+        };
+        let timing = Timing {
+            attach_us: us(g.attach),
+            check_us: us(g.check),
+            alloc_us: us(alloc + cow),
+            write_patch_us: us(write_patch),
+            write_jump_us: us(g.write),
+            free_us: 0,
+            detach_us: us(g.detach),
+            pause_us: us(g.pause),
+        };
+        let id = {
+            let mut st = self.patches.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.next_id += 1;
+            st.next_id
+        };
+        let mut applied = AppliedPatch {
+            id,
+            pid,
+            object: obj_name.to_string(),
+            space,
+            space_len: len,
+            sites,
+            timing,
+            attempts: g.attempts,
+            bodies: Vec::new(),
+            warnings: Vec::new(),
+        };
+        applied.bodies = self.donate_bodies(pid, id, &resolved);
+        self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).applied.push(applied.clone());
+        self.save_patches();
+        Ok(applied)
     }
 
     pub fn patches(&self) -> Vec<AppliedPatch> {
@@ -693,29 +669,10 @@ impl Monitor {
         let ranges: Vec<(u64, u64)> = p.bodies.iter().map(|b| (b.addr, b.addr + (b.original.len() / 2) as u64)).collect();
         let (pgd, tasks) = self.process_handles(p.pid)?;
         let vmas = if ranges.is_empty() { Vec::new() } else { self.with_vmi(false, |v| v.memory_map(p.pid))? };
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let _: serde_json::Value = self.vmm().call(Request::Pause)?;
-            let busy = if ranges.is_empty() { Ok(None) } else { self.busy_in(pgd, &tasks, &vmas, &ranges) };
-            let written = match busy {
-                Ok(None) => Some(self.write_pgd(pgd, &writes)),
-                Ok(Some(_)) => None,
-                Err(e) => Some(Err(e)),
-            };
-            let _: serde_json::Value = self.vmm().call(Request::Resume)?;
-            match written {
-                Some(w) => {
-                    w?;
-                    break;
-                }
-                None if attempts >= RETRIES => {
-                    return Err(err(format!(
-                        "not safe to revert patch {id} now: a thread is still in the code that was placed in its replaced function's body; retry"
-                    )))
-                }
-                None => std::thread::sleep(BACKOFF),
-            }
+        if self.write_when_safe(pgd, &tasks, &vmas, &ranges, &writes)?.is_err() {
+            return Err(err(format!(
+                "not safe to revert patch {id} now: a thread is still in the code that was placed in its replaced function's body; retry"
+            )));
         }
         self.with_space(p.pid, |m| m.remove_bodies(id)).map_err(|r| err(format!("body {:#x} in use", r.start)))?;
         self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).applied.retain(|a| a.id != id);

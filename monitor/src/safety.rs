@@ -12,7 +12,9 @@
 //! past a call inside a replaced function is taken as a return address.
 //! Without frame pointers or unwind tables a data word that happens to
 //! look like one is counted too; that only makes the check refuse more.
-use dvisor_vmm::api::protocol::{Regs, Request};
+use std::time::{Duration, Instant};
+
+use dvisor_vmm::api::protocol::{Regs, Request, VcpuState};
 use serde::Deserialize;
 
 use crate::daemon::Monitor;
@@ -22,6 +24,23 @@ use crate::vmi::VmiError;
 
 /// The most of one thread's stack read in a pause.
 pub const MAX_STACK_SCAN: u64 = 256 * 1024;
+/// Pauses a guarded write tries before it gives up, and the time the
+/// process runs between two of them.
+pub const RETRIES: u32 = 20;
+pub const BACKOFF: Duration = Duration::from_millis(20);
+
+/// How a guarded write went: the paper's attach, write and detach steps,
+/// the whole pause, and how many pauses it took.
+#[derive(Debug, Clone, Copy)]
+pub struct Guarded {
+    pub attach: Duration,
+    /// The safe-mode check, in the pause.
+    pub check: Duration,
+    pub write: Duration,
+    pub detach: Duration,
+    pub pause: Duration,
+    pub attempts: u32,
+}
 
 /// Where a thread is in user mode: its instruction and stack pointers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,54 +95,108 @@ pub fn return_address_in(ranges: &[(u64, u64)], base: u64, stack: &[u8]) -> Opti
     })
 }
 
+/// The vCPUs of `states` running in user mode in the address space `pgd`,
+/// with their registers.
+pub fn user_vcpus(states: &[VcpuState], pgd: u64) -> Vec<(u32, Regs)> {
+    states
+        .iter()
+        .filter(|s| s.sregs.cs.selector & 3 == 3 && cr3_root(s.sregs.cr3) == cr3_root(pgd))
+        .map(|s| (s.vcpu, s.regs))
+        .collect()
+}
+
 impl Monitor {
-    /// The vCPUs running in user mode in the address space `pgd` now, with
-    /// their registers. The VM must be paused.
-    pub(crate) fn user_vcpus(&self, pgd: u64) -> Result<Vec<(u32, Regs)>, MonitorError> {
+    /// Pauses the VM and returns every vCPU as it stopped, in one round
+    /// trip. On an error the VM is let run again.
+    pub(crate) fn pause_with_state(&self) -> Result<Vec<VcpuState>, MonitorError> {
         #[derive(Deserialize)]
-        struct Seg {
-            selector: u16,
+        struct Paused {
+            vcpus: Vec<VcpuState>,
         }
-        #[derive(Deserialize)]
-        struct Sregs {
-            cr3: u64,
-            cs: Seg,
-        }
-        let vcpus = self.vcpu_count()?;
-        let mut out = Vec::new();
-        for vcpu in 0..vcpus {
-            let s: Sregs = self.vmm().call(Request::GetSregs { vcpu })?;
-            if s.cs.selector & 3 == 3 && cr3_root(s.cr3) == cr3_root(pgd) {
-                out.push((vcpu, self.vmm().call(Request::GetRegs { vcpu })?));
+        match self.vmm().call::<Paused>(Request::PauseWithState) {
+            Ok(p) => Ok(p.vcpus),
+            Err(e) => {
+                let _ = self.vmm().call::<serde_json::Value>(Request::Resume);
+                Err(e)
             }
         }
-        Ok(out)
     }
 
-    /// Where every thread in `tasks` is in user mode: on a vCPU now, and
-    /// as saved on its kernel stack. The VM must be paused.
-    fn thread_states(&self, pgd: u64, tasks: &[u64]) -> Result<Vec<UserState>, MonitorError> {
-        let mut out: Vec<UserState> =
-            self.user_vcpus(pgd)?.into_iter().map(|(_, r)| UserState { rip: r.rip, rsp: r.rsp }).collect();
-        for &t in tasks {
-            if let Ok(s) = self.with_vmi(false, |v| v.saved_user_state(t)) {
-                out.push(s);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The safe-mode check, with the VM paused: None when no thread of
-    /// the process executes in, or would return into, any of `ranges`.
-    /// `vmas` is the process's memory map (for the stacks' ends).
-    pub(crate) fn busy_in(
+    /// Writes `writes` into the address space `pgd` in one pause of the
+    /// VM, once no thread in `tasks` executes in or would return into
+    /// `ranges` (with none, at the first pause). While the process is busy
+    /// it runs on, and the write is tried again, RETRIES pauses in all;
+    /// then nothing is written and the last finding is returned.
+    pub(crate) fn write_when_safe(
         &self,
         pgd: u64,
         tasks: &[u64],
         vmas: &[Vma],
         ranges: &[(u64, u64)],
+        writes: &[(u64, Vec<u8>)],
+    ) -> Result<Result<Guarded, Busy>, MonitorError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let start = Instant::now();
+            let states = if ranges.is_empty() {
+                let _: serde_json::Value = self.vmm().call(Request::Pause)?;
+                Vec::new()
+            } else {
+                self.pause_with_state()?
+            };
+            let attach = start.elapsed();
+            let t = Instant::now();
+            let busy = if ranges.is_empty() { Ok(None) } else { self.busy_in(&states, pgd, tasks, vmas, ranges) };
+            let check = t.elapsed();
+            let written = match busy {
+                Ok(None) => {
+                    let t = Instant::now();
+                    Ok(self.write_pgd(pgd, writes).map(|()| t.elapsed()))
+                }
+                Ok(Some(b)) => Err(b),
+                Err(e) => {
+                    let _: serde_json::Value = self.vmm().call(Request::Resume)?;
+                    return Err(e);
+                }
+            };
+            let t = Instant::now();
+            let _: serde_json::Value = self.vmm().call(Request::Resume)?;
+            let detach = t.elapsed();
+            match written {
+                Ok(w) => return Ok(Ok(Guarded { attach, check, write: w?, detach, pause: start.elapsed(), attempts })),
+                Err(b) if attempts >= RETRIES => return Ok(Err(b)),
+                Err(_) => std::thread::sleep(BACKOFF),
+            }
+        }
+    }
+
+    /// Where every thread in `tasks` is in user mode: on a vCPU now, and
+    /// as saved on its kernel stack. The VM must be paused.
+    fn thread_states(&self, vcpus: &[VcpuState], pgd: u64, tasks: &[u64]) -> Vec<UserState> {
+        let mut out: Vec<UserState> =
+            user_vcpus(vcpus, pgd).into_iter().map(|(_, r)| UserState { rip: r.rip, rsp: r.rsp }).collect();
+        for &t in tasks {
+            if let Ok(s) = self.with_vmi(false, |v| v.saved_user_state(t)) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    /// The safe-mode check, with the VM paused (`vcpus` as it stopped):
+    /// None when no thread of the process executes in, or would return
+    /// into, any of `ranges`. `vmas` is the process's memory map (for the
+    /// stacks' ends).
+    fn busy_in(
+        &self,
+        vcpus: &[VcpuState],
+        pgd: u64,
+        tasks: &[u64],
+        vmas: &[Vma],
+        ranges: &[(u64, u64)],
     ) -> Result<Option<Busy>, MonitorError> {
-        let states = self.thread_states(pgd, tasks)?;
+        let states = self.thread_states(vcpus, pgd, tasks);
         if let Some(b) = states.iter().find_map(|s| executing_in(ranges, *s)) {
             return Ok(Some(b));
         }

@@ -11,10 +11,14 @@ use std::sync::mpsc;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
 /// Work for one vCPU thread. The closure runs on that thread with its fd.
 pub type VcpuJob = Box<dyn FnOnce(&VcpuFd) + Send>;
+
+/// A vCPU's registers, read by its own thread as it parked.
+pub type VcpuSnapshot = Result<(kvm_regs, kvm_sregs), kvm_ioctls::Error>;
 
 #[derive(Default)]
 struct State {
@@ -23,6 +27,10 @@ struct State {
     /// vCPU threads parked by a pause (or finished).
     parked: usize,
     mailboxes: Vec<VecDeque<VcpuJob>>,
+    /// Set by `pause_capturing`: each thread reads its registers as it
+    /// parks, all at once, instead of one mailbox job after another.
+    capture: bool,
+    snapshots: Vec<Option<VcpuSnapshot>>,
 }
 
 /// Shared by the vCPU threads of one boot and whoever controls them.
@@ -36,7 +44,11 @@ pub struct VcpuControl {
 
 impl VcpuControl {
     pub fn new(vcpus: usize) -> Self {
-        let state = State { mailboxes: (0..vcpus).map(|_| VecDeque::new()).collect(), ..Default::default() };
+        let state = State {
+            mailboxes: (0..vcpus).map(|_| VecDeque::new()).collect(),
+            snapshots: (0..vcpus).map(|_| None).collect(),
+            ..Default::default()
+        };
         VcpuControl {
             vcpus,
             state: Mutex::new(state),
@@ -94,6 +106,26 @@ impl VcpuControl {
         drop(s);
         self.wait_parked();
         (already, start.elapsed())
+    }
+
+    /// As `pause`, and returns each vCPU's registers as its thread read
+    /// them while parking. A vCPU that was parked already (the VM was
+    /// paused, or it had finished) has no snapshot: `None`.
+    pub fn pause_capturing(&self) -> (bool, Duration, Vec<Option<VcpuSnapshot>>) {
+        let start = Instant::now();
+        let mut s = self.lock();
+        let already = s.pause_requested;
+        if !already {
+            s.capture = true;
+            s.snapshots.iter_mut().for_each(|x| *x = None);
+        }
+        s.pause_requested = true;
+        drop(s);
+        self.wait_parked();
+        let mut s = self.lock();
+        s.capture = false;
+        let snaps = if already { vec![None; self.vcpus] } else { s.snapshots.iter_mut().map(Option::take).collect() };
+        (already, start.elapsed(), snaps)
     }
 
     /// Requests a pause without waiting (used by a vCPU thread that hit a
@@ -186,6 +218,7 @@ impl VcpuControl {
     pub fn checkpoint(&self, id: usize, fd: &VcpuFd) -> bool {
         let mut s = self.lock();
         let mut parked = false;
+        let mut snapped = false;
         loop {
             if s.stopping {
                 if parked {
@@ -204,6 +237,17 @@ impl VcpuControl {
                     s.parked -= 1;
                 }
                 return true;
+            }
+            if !parked && s.capture && !snapped {
+                drop(s);
+                let snap = fd.get_regs().and_then(|r| Ok((r, fd.get_sregs()?)));
+                s = self.lock();
+                if let Some(slot) = s.snapshots.get_mut(id) {
+                    *slot = Some(snap);
+                }
+                snapped = true;
+                // The state may have moved on meanwhile: look again.
+                continue;
             }
             if !parked {
                 parked = true;

@@ -17,7 +17,8 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub const MAX_READ_BYTES: u64 = 1 << 20;
 /// Features this server offers, announced in the `hello` reply.
 pub const FEATURES: &[&str] = &[
-    "memfd", "pause", "regs", "sregs", "msrs", "debug", "irq", "nmi", "keys", "stats", "events", "read_memory",
+    "memfd", "pause", "pause_with_state", "regs", "sregs", "msrs", "debug", "irq", "nmi", "keys", "stats", "events",
+    "read_memory",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +39,10 @@ pub enum Request {
     /// The guest-RAM memfd (SCM_RIGHTS) plus the layout to map it.
     Memory,
     Pause,
+    /// Pause, and reply with every vCPU's registers as they stopped: what
+    /// an inspection of the stopped guest needs first, without a round
+    /// trip per vCPU while the guest waits.
+    PauseWithState,
     Resume,
     GetRegs { vcpu: u32 },
     SetRegs { vcpu: u32, regs: Regs },
@@ -133,6 +138,14 @@ pub struct Segment {
 pub struct DescriptorTable {
     pub base: u64,
     pub limit: u16,
+}
+
+/// One stopped vCPU (`pause_with_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub vcpu: u32,
+    pub regs: Regs,
+    pub sregs: Sregs,
 }
 
 /// The special registers (KVM_GET_SREGS).
@@ -247,6 +260,8 @@ pub enum Reply {
     Hello { version: u32, features: Vec<String>, vmm: String },
     Status(Status),
     Memory { size: u64, regions: Vec<MemoryRegion>, boot: u64 },
+    /// Before `Paused`: untagged decoding takes the first variant that fits.
+    PausedWithState { already: bool, stop_ns: u64, vcpus: Vec<VcpuState> },
     Paused { already: bool, stop_ns: u64 },
     Resumed { already: bool },
     Regs(Regs),

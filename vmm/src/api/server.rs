@@ -372,6 +372,22 @@ fn dispatch_vm(b: &BootHandles, hub: &EventHub, req: Request) -> Outcome {
             }
             Reply::Paused { already, stop_ns: took.as_nanos() as u64 }
         }
+        Request::PauseWithState => {
+            let (already, took, snaps) = b.control.pause_capturing();
+            if !already {
+                hub.lifecycle(Lifecycle::Paused, "support API");
+            }
+            let mut vcpus = Vec::new();
+            for (vcpu, snap) in (0..).zip(snaps) {
+                // Parked before the pause (or it failed there): ask it now.
+                let snap = match snap {
+                    Some(Ok(s)) => s,
+                    _ => on_vcpu(b, vcpu, "KVM_GET_REGS/KVM_GET_SREGS", |fd| Ok((fd.get_regs()?, fd.get_sregs()?)))?,
+                };
+                vcpus.push(VcpuState { vcpu, regs: convert::regs_from_kvm(&snap.0), sregs: convert::sregs_from_kvm(&snap.1) });
+            }
+            Reply::PausedWithState { already, stop_ns: took.as_nanos() as u64, vcpus }
+        }
         Request::Resume => {
             let already = b.control.resume();
             if !already {
