@@ -304,8 +304,8 @@ pub fn patch(cmd: PatchCmd) -> anyhow::Result<i32> {
                 let t = &p.timing;
                 println!("patch {} applied to pid {} ({} sites, space {:#x}+{:#x})", p.id, p.pid, p.sites.len(), p.space, p.space_len);
                 println!(
-                    "pause {} µs: attach {} µs, check {} µs, write jump {} µs, detach {} µs; outside the pause: alloc {} µs, write patch {} µs",
-                    t.pause_us, t.attach_us, t.check_us, t.write_jump_us, t.detach_us, t.alloc_us, t.write_patch_us
+                    "pause {} µs: attach {} µs, check {} µs, write jump {} µs, detach {} µs; outside the pause: alloc {} µs, write patch {} µs, free {} µs",
+                    t.pause_us, t.attach_us, t.check_us, t.write_jump_us, t.detach_us, t.alloc_us, t.write_patch_us, t.free_us
                 );
             }
             for w in &p.warnings {

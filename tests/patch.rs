@@ -228,6 +228,15 @@ fn live_patch_the_running_service() {
         assert!(!ok, "a bad patch was accepted ({expect})");
         assert!(err.contains(expect), "error for {expect} should name it:\n{err}");
     }
+    // A VM the operator paused stays paused and untouched.
+    assert!(dvisor_out(&["pause", "--vm", &name]).0);
+    let (ok, _, err) = dvisor_out(&[
+        "patch", "apply", "--vm", &name, "--pid", &p,
+        "--object", v2.to_str().unwrap(), "--commands", v2_cmd.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("the VM is paused"), "a patch went into a paused VM: {err}");
+    assert_eq!(dvisor_json(&["status", "--vm", &name])["vm"]["state"], "paused");
+    assert!(dvisor_out(&["resume", "--vm", &name]).0);
     assert!(code() == code_before, "refused patches changed the service's code");
     assert_eq!(dvisor_json(&["maps", "--vm", &name, &p]).as_array().unwrap().len(), maps_before);
 

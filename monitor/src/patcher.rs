@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use dvisor_vmm::api::protocol::{Request, RunState};
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::Monitor;
@@ -245,6 +246,18 @@ impl Monitor {
         })
     }
 
+    /// A patch pauses and resumes the VM itself, and needs the process to
+    /// run (injected calls, threads leaving replaced functions): a VM the
+    /// operator paused stays paused and untouched.
+    fn require_running(&self, what: &str) -> Result<(), MonitorError> {
+        let s: dvisor_vmm::api::protocol::Status = self.vmm().call(Request::Status)?;
+        match s.state {
+            RunState::Running => Ok(()),
+            RunState::Paused => Err(err(format!("the VM is paused: `dvisor resume` it first, then {what}"))),
+            RunState::Stopped => Err(err(format!("the guest is not running (rebooting or shutting down): cannot {what} now"))),
+        }
+    }
+
     /// Applies a patch to process `pid`. `unsafe_mode` skips the check
     /// that no thread is inside a replaced function.
     pub fn apply_patch(
@@ -267,6 +280,7 @@ impl Monitor {
         self.check_not_patched(pid, &cmds, &program)?;
         self.check_program_matches(pid, &bin, binary, &cmds, &program, placed.load_base)?;
         // Everything is validated before the guest is touched.
+        self.require_running("apply a patch")?;
         let len = (patch::required_size(&obj) as u64).max(1);
         let align = obj.required_alignment().max(16);
 
@@ -584,22 +598,27 @@ impl Monitor {
                 )))
             }
         };
+        let id = {
+            let mut st = self.patches.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.next_id += 1;
+            st.next_id
+        };
+        // The paper's "free": the replaced bodies go to the free map (after
+        // the pause: nothing can enter them once the jumps are there).
+        let t = Instant::now();
+        let bodies = self.donate_bodies(pid, id, &resolved);
+        let free = t.elapsed();
         let timing = Timing {
             attach_us: us(g.attach),
             check_us: us(g.check),
             alloc_us: us(alloc + cow),
             write_patch_us: us(write_patch),
             write_jump_us: us(g.write),
-            free_us: 0,
+            free_us: us(free),
             detach_us: us(g.detach),
             pause_us: us(g.pause),
         };
-        let id = {
-            let mut st = self.patches.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.next_id += 1;
-            st.next_id
-        };
-        let mut applied = AppliedPatch {
+        let applied = AppliedPatch {
             id,
             pid,
             object: obj_name.to_string(),
@@ -608,10 +627,9 @@ impl Monitor {
             sites,
             timing,
             attempts: g.attempts,
-            bodies: Vec::new(),
+            bodies,
             warnings: Vec::new(),
         };
-        applied.bodies = self.donate_bodies(pid, id, &resolved);
         self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).applied.push(applied.clone());
         self.save_patches();
         Ok(applied)
@@ -652,6 +670,7 @@ impl Monitor {
             .into_iter()
             .find(|p| p.id == id)
             .ok_or_else(|| err(format!("no applied patch {id}: see `dvisor patch list`")))?;
+        self.require_running("revert a patch")?;
         if let Err(used) = self.with_space(p.pid, |m| m.free_bodies_of(id)) {
             let tenant = self
                 .patches()
