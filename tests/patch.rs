@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use common::{dvisor_json, dvisor_out, heartbeat, Console};
 
-/// Apply/revert cycles of the free-map check: the 100 (about 90 s
+/// Apply/revert cycles of the free-map check: the 100 (about 50 s
 /// in the carrier); DVISOR_PATCH_CYCLES sets another count.
 fn cycles() -> u32 {
     std::env::var("DVISOR_PATCH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(100)
