@@ -69,14 +69,10 @@ fn last_beat(c: &Console) -> (u64, String) {
 fn boot(name: &str, extra: &[&str]) -> Console {
     let mut args = vec!["--vcpus", "2", "--name", name];
     args.extend_from_slice(extra);
-    let c = Console::start(&args);
+    let mut c = Console::start(&args);
     let shell = c.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
     c.wait_prompt(shell, "guest# ");
-    let deadline = Instant::now() + common::STEP_TIMEOUT;
-    while !dvisor_out(&["status", "--vm", name]).0 {
-        assert!(Instant::now() < deadline, "no monitor");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    common::wait_monitor(&mut c, name);
     c
 }
 

@@ -47,7 +47,7 @@ fn introspection_matches_the_guest() {
     let name = format!("vmi{}", std::process::id());
     let mut c = boot(&name, "console=ttyS0 quiet");
     // The monitor loads the profile on first use.
-    wait_monitor(&name);
+    common::wait_monitor(&mut c, &name);
 
     ps_matches(&mut c, &name);
     maps_match(&mut c, &name);
@@ -60,19 +60,11 @@ fn introspection_matches_the_guest() {
 
     let name2 = format!("{name}n");
     let mut c = boot(&name2, "console=ttyS0 quiet nokaslr");
-    wait_monitor(&name2);
+    common::wait_monitor(&mut c, &name2);
     assert_eq!(kallsyms_match(&mut c, &name2), 0, "nokaslr boot has a slide");
     c.type_line("poweroff -f");
     assert!(c.wait_exit().success(), "{}", c.stderr());
     eprintln!("KASLR boot slide {slide:#x}");
-}
-
-fn wait_monitor(name: &str) {
-    let deadline = Instant::now() + common::STEP_TIMEOUT;
-    while !common::dvisor_out(&["status", "--vm", name]).0 {
-        assert!(Instant::now() < deadline, "monitor of {name} never answered");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
 }
 
 fn ps_matches(c: &mut Console, name: &str) {

@@ -147,6 +147,11 @@ impl Console {
         stdin.flush().unwrap();
     }
 
+    /// Whether `dvisor run` is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
@@ -303,6 +308,18 @@ pub fn rerun_in_carrier(test_name: &str) -> bool {
     }
     assert!(st.success(), "{test_name} failed inside the carrier ({st})");
     true
+}
+
+/// Waits until the monitor of VM `name` answers. Fails at once when the
+/// VMM exits first (a guest that crashed at boot), instead of at the
+/// timeout; the console tail and the VMM's stderr then say why.
+pub fn wait_monitor(c: &mut Console, name: &str) {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !dvisor_out(&["status", "--vm", name]).0 {
+        assert!(c.running(), "the VMM exited before the monitor of {name} answered");
+        assert!(Instant::now() < deadline, "the monitor of {name} never answered");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Runs `dvisor ARGS` and returns (exit success, stdout, stderr).
