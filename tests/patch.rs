@@ -32,27 +32,24 @@ fn compile(src: &Path, out: &Path) {
 /// Where the demo service has `name`, and its size, from the binary's
 /// symbol table (`nm -S`): the program is rebuilt with the image, so its
 /// addresses are not fixed.
-fn symbol(name: &str) -> (String, String) {
+fn symbol(name: &str) -> (u64, u64) {
     let binary = dvisor_json(&["image", "path"])["service_binary"].as_str().expect("service_binary").to_string();
     let out = Command::new("nm").args(["-S", &binary]).output().expect("run nm");
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().find(|l| l.split_whitespace().nth(3) == Some(name)).unwrap_or_else(|| panic!("no {name} in {binary}"));
-    let f: Vec<&str> = line.split_whitespace().collect();
-    let hex = |s: &str| u64::from_str_radix(s, 16).unwrap();
-    (format!("{:#x}", hex(f[0])), hex(f[1]).to_string())
+    let f: Vec<u64> = line.split_whitespace().take(2).map(|h| u64::from_str_radix(h, 16).unwrap()).collect();
+    (f[0], f[1])
 }
 
-/// Every byte of the code page that holds `get_message` and the service's
-/// other patch targets (`heartbeat`, `reply_counter`, `handle_request`):
-/// what a refused patch must leave exactly as it was, and a revert must
-/// bring back. (Pages the service never touched are not mapped yet, so
-/// whole mappings cannot be compared.)
-fn code_page(vm: &str, pid: &str) -> serde_json::Value {
-    let (at, _) = symbol("get_message");
-    let page = u64::from_str_radix(at.trim_start_matches("0x"), 16).unwrap() & !0xfff;
-    let (handler, _) = symbol("handle_request");
-    assert_eq!(u64::from_str_radix(handler.trim_start_matches("0x"), 16).unwrap() & !0xfff, page, "the targets moved apart");
-    dvisor_json(&["mem", "--vm", vm, pid, &format!("{page:#x}"), "4096"])
+/// The code page that holds `get_message` and the service's other patch
+/// targets (`heartbeat`, `reply_counter`, `handle_request`): every byte of
+/// it is what a refused patch must leave exactly as it was, and a revert
+/// must bring back. (Pages the service never touched are not mapped yet,
+/// so whole mappings cannot be compared.)
+fn targets_page() -> String {
+    let page = symbol("get_message").0 & !0xfff;
+    assert_eq!(symbol("handle_request").0 & !0xfff, page, "the targets moved apart");
+    format!("{page:#x}")
 }
 
 fn service_pid(c: &Console) -> u32 {
@@ -92,6 +89,7 @@ fn replaced_bodies_are_reused(name: &str, pid: &str, dir: &Path) {
     let rwx = || dvisor_json(&["maps", "--vm", name, pid]).as_array().unwrap().iter().filter(|v| v["perms"] == "rwxp").count();
     let addr = common::GUEST_IP.to_string() + ":8080";
     let (handler_at, handler_len) = symbol("handle_request");
+    let (handler_at, handler_len) = (format!("{handler_at:#x}"), handler_len.to_string());
     let handler_code = dvisor_json(&["mem", "--vm", name, pid, &handler_at, &handler_len]);
 
     let handler = apply(&obj("handler"));
@@ -201,7 +199,8 @@ fn live_patch_the_running_service() {
     let mut c = boot(&name, &["--net", &format!("tap={}", common::TAP), "--cmdline", &cmdline]);
     let pid = service_pid(&c);
     let p = pid.to_string();
-    let code = || code_page(&name, &p);
+    let page = targets_page();
+    let code = || dvisor_json(&["mem", "--vm", &name, &p, &page, "4096"]);
     let code_before = code();
     let maps_before = dvisor_json(&["maps", "--vm", &name, &p]).as_array().unwrap().len();
 

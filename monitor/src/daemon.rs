@@ -38,8 +38,6 @@ pub struct Monitor {
     attached_ns: u64,
     pub(crate) vmi: crate::introspect::VmiState,
     pub(crate) patches: crate::patcher::PatchState,
-    /// The VM's vCPU count: fixed for the VMM's life, asked once.
-    vcpus: std::sync::OnceLock<u32>,
 }
 
 impl Monitor {
@@ -66,7 +64,6 @@ impl Monitor {
             attached_ns: monotonic_ns(),
             vmi: crate::introspect::VmiState::new(vmlinux),
             patches: crate::patcher::PatchState::default(),
-            vcpus: std::sync::OnceLock::new(),
         });
         monitor.remap()?;
         Ok(monitor)
@@ -86,15 +83,6 @@ impl Monitor {
 
     pub fn vmm(&self) -> &VmmClient {
         &self.vmm
-    }
-
-    /// How many vCPUs the VM has.
-    pub fn vcpu_count(&self) -> Result<u32, MonitorError> {
-        if let Some(n) = self.vcpus.get() {
-            return Ok(*n);
-        }
-        let s: dvisor_vmm::api::protocol::Status = self.vmm.call(Request::Status)?;
-        Ok(*self.vcpus.get_or_init(|| s.vcpus))
     }
 
     /// Runs `f` on the current guest-memory mapping.

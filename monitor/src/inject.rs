@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use dvisor_vmm::api::protocol::{Regs, Request};
 
 use crate::daemon::Monitor;
-use crate::safety::user_vcpus;
 use crate::error::MonitorError;
+use crate::safety::user_vcpus;
 use crate::vmi::VmiError;
 
 /// `jmp .` : the thread spins here until the monitor takes it.

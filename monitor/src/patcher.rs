@@ -127,19 +127,22 @@ pub struct PatchState {
 /// keep values in registers the original body leaves alone (IPA-RA; see
 /// `patch::compiled`).
 fn register_warnings(bin: &[u8], cmds: &CommandFile, program: &HashMap<String, TargetSymbol>, load_base: u64, binary: &Path) -> Vec<String> {
-    cmds.commands
+    let targets: Vec<(&str, u64)> = cmds
+        .commands
         .iter()
         .filter(|c| matches!(c.action, Action::Jump { .. }))
-        .filter_map(|c| {
-            let sym = program.get(&c.target)?;
-            match patch::register_assumptions(bin, sym.addr - load_base) {
-                RegisterAssumptions::Possible { producer } => Some(format!(
-                    "{} was compiled with gcc's interprocedural register allocation ({producer:?} in {}'s DWARF): its callers may keep values in registers the original leaves alone, so the patch must not change more registers than it did. Rebuild the program with -flive-patching=inline-clone (or -fno-ipa-ra) to patch it freely (docs/patching.md)",
-                    c.target,
-                    binary.display()
-                )),
-                _ => None,
-            }
+        .filter_map(|c| Some((c.target.as_str(), program.get(&c.target)?.addr - load_base)))
+        .collect();
+    let vaddrs: Vec<u64> = targets.iter().map(|(_, va)| *va).collect();
+    targets
+        .iter()
+        .zip(patch::register_assumptions(bin, &vaddrs))
+        .filter_map(|((target, _), found)| match found {
+            RegisterAssumptions::Possible { producer } => Some(format!(
+                "{target} was compiled with gcc's interprocedural register allocation ({producer:?} in {}'s DWARF): its callers may keep values in registers the original leaves alone, so the patch must not change more registers than it did. Rebuild the program with -flive-patching=inline-clone (or -fno-ipa-ra) to patch it freely (docs/patching.md)",
+                binary.display()
+            )),
+            _ => None,
         })
         .collect()
 }
@@ -586,8 +589,7 @@ impl Monitor {
         let (pgd, tasks) = self.process_handles(pid)?;
         let vmas = if unsafe_mode { Vec::new() } else { self.with_vmi(false, |v| v.memory_map(pid))? };
         let all: Vec<(u64, Vec<u8>)> = writes.iter().map(|(_, a, b)| (*a, b.clone())).collect();
-        let no_ranges = Vec::new();
-        let guarded = self.write_when_safe(pgd, &tasks, &vmas, if unsafe_mode { &no_ranges } else { &ranges }, &all)?;
+        let guarded = self.write_when_safe(pgd, &tasks, &vmas, if unsafe_mode { &[] } else { &ranges }, &all)?;
         let g = match guarded {
             Ok(g) => g,
             Err(busy) => {

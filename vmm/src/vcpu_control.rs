@@ -99,32 +99,25 @@ impl VcpuControl {
     /// Asks every vCPU to stop and waits until all have. Returns whether
     /// the VM was already paused and how long the vCPUs took to stop.
     pub fn pause(&self) -> (bool, Duration) {
-        let start = Instant::now();
-        let mut s = self.lock();
-        let already = s.pause_requested;
-        s.pause_requested = true;
-        drop(s);
-        self.wait_parked();
-        (already, start.elapsed())
+        let (already, took, _) = self.pause_capturing(false);
+        (already, took)
     }
 
-    /// As `pause`, and returns each vCPU's registers as its thread read
-    /// them while parking. A vCPU that was parked already (the VM was
-    /// paused, or it had finished) has no snapshot: `None`.
-    pub fn pause_capturing(&self) -> (bool, Duration, Vec<Option<VcpuSnapshot>>) {
+    /// As `pause`; with `capture`, also each vCPU's registers as its
+    /// thread read them while parking. A vCPU that was parked already (the
+    /// VM was paused, or it had finished) has no snapshot: `None`.
+    pub fn pause_capturing(&self, capture: bool) -> (bool, Duration, Vec<Option<VcpuSnapshot>>) {
         let start = Instant::now();
         let mut s = self.lock();
         let already = s.pause_requested;
-        if !already {
-            s.capture = true;
-            s.snapshots.iter_mut().for_each(|x| *x = None);
-        }
+        s.capture = capture && !already;
+        s.snapshots.iter_mut().for_each(|x| *x = None);
         s.pause_requested = true;
         drop(s);
         self.wait_parked();
         let mut s = self.lock();
         s.capture = false;
-        let snaps = if already { vec![None; self.vcpus] } else { s.snapshots.iter_mut().map(Option::take).collect() };
+        let snaps = s.snapshots.iter_mut().map(Option::take).collect();
         (already, start.elapsed(), snaps)
     }
 

@@ -27,14 +27,18 @@ pub enum RegisterAssumptions {
     Unknown,
 }
 
-/// What the compiler line of the compile unit covering `vaddr` (a link-time
-/// address, before any PIE load base) says. A DWARF that cannot be read
-/// counts as no DWARF.
-pub fn register_assumptions(elf_bytes: &[u8], vaddr: u64) -> RegisterAssumptions {
-    match producer_at(elf_bytes, vaddr) {
-        Some(p) => judge(&p),
-        None => RegisterAssumptions::Unknown,
-    }
+/// What the compiler line of the compile unit covering each of `vaddrs`
+/// (link-time addresses, before any PIE load base) says, in order. The
+/// DWARF is read once; a DWARF that cannot be read counts as none.
+pub fn register_assumptions(elf_bytes: &[u8], vaddrs: &[u64]) -> Vec<RegisterAssumptions> {
+    let producers = producers(elf_bytes);
+    vaddrs
+        .iter()
+        .map(|&va| match producers.iter().find(|(ranges, _)| ranges.iter().any(|r| r.contains(&va))) {
+            Some((_, p)) => judge(p),
+            None => RegisterAssumptions::Unknown,
+        })
+        .collect()
 }
 
 /// Judges one `DW_AT_producer` line, e.g.
@@ -64,8 +68,9 @@ pub fn judge(producer: &str) -> RegisterAssumptions {
     }
 }
 
-fn producer_at(elf_bytes: &[u8], vaddr: u64) -> Option<String> {
-    let elf = Elf::parse(elf_bytes).ok()?;
+/// Each compile unit's address ranges and compiler line.
+fn producers(elf_bytes: &[u8]) -> Vec<(Vec<std::ops::Range<u64>>, String)> {
+    let Ok(elf) = Elf::parse(elf_bytes) else { return Vec::new() };
     let load = |id: SectionId| -> Result<EndianSlice<'_, LittleEndian>, gimli::Error> {
         let data = elf
             .sections
@@ -75,24 +80,24 @@ fn producer_at(elf_bytes: &[u8], vaddr: u64) -> Option<String> {
             .unwrap_or(&[]);
         Ok(EndianSlice::new(data, LittleEndian))
     };
-    let dwarf = gimli::Dwarf::load(load).ok()?;
+    let Ok(dwarf) = gimli::Dwarf::load(load) else { return Vec::new() };
+    let mut out = Vec::new();
     let mut units = dwarf.units();
     while let Ok(Some(header)) = units.next() {
         let Ok(unit) = dwarf.unit(header) else { continue };
-        let Ok(mut ranges) = dwarf.unit_ranges(&unit) else { continue };
-        let mut covers = false;
-        while let Ok(Some(r)) = ranges.next() {
-            covers |= r.begin <= vaddr && vaddr < r.end;
-        }
-        if !covers {
-            continue;
+        let Ok(mut unit_ranges) = dwarf.unit_ranges(&unit) else { continue };
+        let mut ranges = Vec::new();
+        while let Ok(Some(r)) = unit_ranges.next() {
+            ranges.push(r.begin..r.end);
         }
         let mut entries = unit.entries();
-        let (_, root) = entries.next_dfs().ok()??;
-        let attr = root.attr_value(gimli::DW_AT_producer).ok()??;
-        return dwarf.attr_string(&unit, attr).ok().map(|s| s.to_string_lossy().into_owned());
+        let Ok(Some((_, root))) = entries.next_dfs() else { continue };
+        let Ok(Some(attr)) = root.attr_value(gimli::DW_AT_producer) else { continue };
+        if let Ok(p) = dwarf.attr_string(&unit, attr) {
+            out.push((ranges, p.to_string_lossy().into_owned()));
+        }
     }
-    None
+    out
 }
 
 #[cfg(test)]
@@ -132,12 +137,12 @@ mod tests {
             let elf = Elf::parse(&bytes).unwrap();
             let symtab = elf.sections.iter().position(|s| s.name == ".symtab").unwrap();
             let f = elf.symbols(symtab).unwrap().into_iter().find(|s| s.name == "f").unwrap();
-            let got = register_assumptions(&bytes, f.value);
+            let [got] = &register_assumptions(&bytes, &[f.value])[..] else { unreachable!() };
             assert_eq!(matches!(got, RegisterAssumptions::Possible { .. }), expect_possible, "{flags:?}: {got:?}");
             // Outside any compile unit with DWARF (the C library's code).
             let stripped = dir.path().join("s");
             std::process::Command::new("strip").arg("-g").arg(&out).arg("-o").arg(&stripped).status().unwrap();
-            assert_eq!(register_assumptions(&std::fs::read(&stripped).unwrap(), f.value), RegisterAssumptions::Unknown);
+            assert_eq!(register_assumptions(&std::fs::read(&stripped).unwrap(), &[f.value]), [RegisterAssumptions::Unknown]);
         }
     }
 }

@@ -365,17 +365,15 @@ fn dispatch_vm(b: &BootHandles, hub: &EventHub, req: Request) -> Outcome {
             let reply = Reply::Memory { size: b.mem_bytes, regions: b.regions.clone(), boot: b.boot };
             return Ok((reply, Some(fd)));
         }
-        Request::Pause => {
-            let (already, took) = b.control.pause();
+        Request::Pause | Request::PauseWithState => {
+            let with_state = matches!(req, Request::PauseWithState);
+            let (already, took, snaps) = b.control.pause_capturing(with_state);
             if !already {
                 hub.lifecycle(Lifecycle::Paused, "support API");
             }
-            Reply::Paused { already, stop_ns: took.as_nanos() as u64 }
-        }
-        Request::PauseWithState => {
-            let (already, took, snaps) = b.control.pause_capturing();
-            if !already {
-                hub.lifecycle(Lifecycle::Paused, "support API");
+            let stop_ns = took.as_nanos() as u64;
+            if !with_state {
+                return Ok((Reply::Paused { already, stop_ns }, None));
             }
             let mut vcpus = Vec::new();
             for (vcpu, snap) in (0..).zip(snaps) {
@@ -386,7 +384,7 @@ fn dispatch_vm(b: &BootHandles, hub: &EventHub, req: Request) -> Outcome {
                 };
                 vcpus.push(VcpuState { vcpu, regs: convert::regs_from_kvm(&snap.0), sregs: convert::sregs_from_kvm(&snap.1) });
             }
-            Reply::PausedWithState { already, stop_ns: took.as_nanos() as u64, vcpus }
+            Reply::PausedWithState { already, stop_ns, vcpus }
         }
         Request::Resume => {
             let already = b.control.resume();
