@@ -10,6 +10,7 @@ mod ops;
 mod policy;
 mod relay;
 mod run;
+mod snapshot_cmd;
 mod vmi_cmd;
 
 use clap::{Parser, Subcommand};
@@ -66,6 +67,9 @@ enum Cmd {
     /// Live-patch a guest process from outside: apply, list, revert.
     #[command(subcommand)]
     Patch(vmi_cmd::PatchCmd),
+    /// Snapshots of running VMs: create, verify, list, rm, merge, restore in place.
+    #[command(subcommand)]
+    Snapshot(snapshot_cmd::SnapshotCmd),
     /// Run one system call inside a guest process (debugging aid).
     #[command(hide = true)]
     Syscall(vmi_cmd::SyscallArgs),
@@ -98,6 +102,7 @@ fn main() {
         Cmd::Ksym(a) => vmi_cmd::ksym(a),
         Cmd::Syscall(a) => vmi_cmd::syscall(a),
         Cmd::Patch(c) => vmi_cmd::patch(c),
+        Cmd::Snapshot(c) => snapshot_cmd::run(c),
     };
     match result {
         Ok(code) => std::process::exit(code),

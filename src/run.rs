@@ -46,6 +46,18 @@ monitor's control socket to <runtime dir>/<name>/monitor.sock on this host \
 (docs/carrier.md), so those commands work from another terminal; the \
 support API itself stays in the carrier.")]
 pub struct RunArgs {
+    /// Continue the guest saved in snapshot DIR instead of booting (see
+    /// `dvisor snapshot --help`). The VM's shape, kernel and disks come
+    /// from the snapshot; --name, --net and --api may differ.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["vcpus", "mem_mib", "kernel", "initrd", "cmdline", "disk"])]
+    pub restore: Option<PathBuf>,
+    /// With --restore: leave the restored VM paused (`dvisor resume` runs it).
+    #[arg(long, requires = "restore")]
+    pub paused: bool,
+    /// With --restore: give the VM no network even if the snapshot had
+    /// some (its interfaces stay, with no link to the host).
+    #[arg(long, requires = "restore", conflicts_with = "net")]
+    pub no_net: bool,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 2)]
     pub vcpus: u8,
@@ -95,6 +107,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("dvisor: error: --name: {e}");
         return Ok(EXIT_CONFIG);
     }
+    if let Some(dir) = &args.restore {
+        return run_restore(dir, &args);
+    }
     let (kernel, initrd) = match resolve_image(&args) {
         Ok(v) => v,
         Err(e) => {
@@ -103,6 +118,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
     };
     let config = VmConfig {
+        name: args.name.clone(),
         kernel,
         initrd,
         cmdline: args.cmdline.clone(),
@@ -137,6 +153,72 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     run_direct(&config, &args)
 }
 
+/// `dvisor run --restore DIR`: the snapshot is checked here, before any
+/// VM (or carrier) starts; a bad one exits with status 2.
+fn run_restore(dir: &std::path::Path, args: &RunArgs) -> anyhow::Result<i32> {
+    let dir = absolute(dir);
+    let chain = match dvisor_vmm::snapshot::format::chain(&dir) {
+        Ok(c) => c,
+        Err(e) => return Ok(crate::snapshot_cmd::refuse(&e)),
+    };
+    let Some(last) = chain.last() else { return Ok(EXIT_CONFIG) };
+    let saved = &last.state.config;
+    for (index, d) in saved.disks.iter().enumerate() {
+        let changed = match dvisor_vmm::devices::virtio::block::DiskIdentity::of(&d.config.path) {
+            Ok(now) => d.identity.differs(&now),
+            Err(e) => Some(format!("cannot read it: {e}")),
+        };
+        if let Some(what) = changed {
+            let e = dvisor_vmm::snapshot::SnapshotError::DiskChanged { index, path: d.config.path.clone(), what };
+            return Ok(crate::snapshot_cmd::refuse(&e));
+        }
+    }
+    let nets = if args.no_net {
+        // Same interfaces, no host link: a clone must never share a tap.
+        saved.nets.iter().map(|n| NetConfig { tap: String::new(), mac: n.mac }).collect()
+    } else if args.net.is_empty() {
+        saved.nets.clone()
+    } else if args.net.len() == saved.nets.len() {
+        // New taps, the guest's own MAC addresses.
+        args.net.iter().zip(&saved.nets).map(|(n, s)| NetConfig { tap: n.tap.clone(), mac: s.mac }).collect()
+    } else {
+        eprintln!(
+            "dvisor: error: the snapshot's VM has {} network interface(s); give as many --net (or --no-net)",
+            saved.nets.len()
+        );
+        return Ok(EXIT_CONFIG);
+    };
+    let config = VmConfig {
+        name: args.name.clone(),
+        kernel: saved.kernel.clone(),
+        initrd: saved.initrd.clone(),
+        cmdline: saved.cmdline.clone(),
+        vcpus: saved.vcpus,
+        mem_mib: saved.mem_mib,
+        on_reboot: match args.on_reboot {
+            RebootAction::Restart => OnReboot::Restart,
+            RebootAction::Exit => OnReboot::Exit,
+        },
+        disks: saved.disks.iter().map(|d| d.config.clone()).collect(),
+        nets,
+        api_socket: Some(args.api.clone().unwrap_or_else(|| paths::api_socket(&args.name))),
+    };
+    if carrier::host_has_hardware_kvm() || std::env::var_os("DVISOR_IN_CARRIER").is_some() {
+        // Refused here, before the monitor or anything else starts.
+        if let Err(e) = dvisor_vmm::snapshot::restore::check_host_cpu(&last.state) {
+            return Ok(crate::snapshot_cmd::refuse(&e));
+        }
+    } else {
+        if args.no_carrier {
+            eprintln!("dvisor: error: this host has no hardware virtualization and --no-carrier was given");
+            return Ok(EXIT_CONFIG);
+        }
+        eprintln!("dvisor: no hardware virtualization on this host; running inside the carrier VM (QEMU TCG with emulated SVM)");
+        return run_in_carrier(&config, args);
+    }
+    run_direct(&config, args)
+}
+
 fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
     if let Some(k) = &args.kernel {
         return Ok((k.clone(), args.initrd.clone()));
@@ -168,7 +250,12 @@ fn run_direct(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
         }
     }
     let _term = dvisor_vmm::console::RawTerminal::enable();
-    let outcome = dvisor_vmm::run(config, &|| Box::new(std::io::stdout()));
+    let restore = args.restore.as_ref().map(|d| dvisor_vmm::RestoreFrom {
+        dir: absolute(d),
+        paused: args.paused,
+        new_generation: true,
+    });
+    let outcome = dvisor_vmm::run(config, &|| Box::new(std::io::stdout()), restore);
     let _ = std::io::stdout().flush();
     drop(_term);
     Ok(match outcome {
@@ -181,6 +268,7 @@ fn run_direct(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
             eprintln!("\ndvisor: stopped by signal {s}");
             128 + s
         }
+        Err(VmmError::Snapshot(e)) if e.is_bad_snapshot() => crate::snapshot_cmd::refuse(&e),
         Err(
             e @ (VmmError::KernelOpen(..)
             | VmmError::BadKernel(..)
@@ -289,24 +377,38 @@ fn run_in_carrier(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
         exe.display().to_string(),
         "run".into(),
         "--no-carrier".into(),
-        format!("--vcpus={}", config.vcpus),
-        format!("--mem={}", config.mem_mib),
-        format!("--kernel={}", absolute(&config.kernel).display()),
-        format!("--cmdline={}", config.cmdline),
         format!(
             "--on-reboot={}",
             if config.on_reboot == OnReboot::Exit { "exit" } else { "restart" }
         ),
     ];
-    if let Some(initrd) = &config.initrd {
-        cmd.push(format!("--initrd={}", absolute(initrd).display()));
-    }
-    for d in &config.disks {
-        let ro = if d.read_only { ",readonly" } else { "" };
-        cmd.push(format!("--disk={}{ro}", absolute(&d.path).display()));
-    }
-    for n in &config.nets {
-        cmd.push(format!("--net=tap={},mac={}", n.tap, format_mac(&n.mac)));
+    if let Some(dir) = &args.restore {
+        // The shape, kernel and disks come from the snapshot again.
+        cmd.push(format!("--restore={}", absolute(dir).display()));
+        if args.paused {
+            cmd.push("--paused".into());
+        }
+        if args.no_net {
+            cmd.push("--no-net".into());
+        }
+        for n in config.nets.iter().filter(|_| !args.no_net) {
+            cmd.push(format!("--net=tap={}", n.tap));
+        }
+    } else {
+        cmd.push(format!("--vcpus={}", config.vcpus));
+        cmd.push(format!("--mem={}", config.mem_mib));
+        cmd.push(format!("--kernel={}", absolute(&config.kernel).display()));
+        cmd.push(format!("--cmdline={}", config.cmdline));
+        if let Some(initrd) = &config.initrd {
+            cmd.push(format!("--initrd={}", absolute(initrd).display()));
+        }
+        for d in &config.disks {
+            let ro = if d.read_only { ",readonly" } else { "" };
+            cmd.push(format!("--disk={}{ro}", absolute(&d.path).display()));
+        }
+        for n in &config.nets {
+            cmd.push(format!("--net=tap={},mac={}", n.tap, format_mac(&n.mac)));
+        }
     }
     // Socket paths are resolved inside the carrier (its runtime dir is a
     // local tmpfs), unless given explicitly.

@@ -5,37 +5,20 @@
 //! the guest's structures give errors instead of hangs.
 mod common;
 
-use std::collections::BTreeSet;
 use std::time::Instant;
 
-use common::{dvisor_json, heartbeat, Console};
+use common::{dvisor_json, heartbeat, ps_matches, run_in_guest, service_pid, symbol_addr, Console};
 use dvisor_monitor::paging::{self, PagingMode, VecMemory};
 use dvisor_monitor::profile::KernelProfile;
 use dvisor_monitor::vmi::{Vmi, VmiError, MSR_LSTAR};
 use dvisor_monitor::VmmClient;
 use dvisor_vmm::api::protocol::{Request, Sregs};
 
-/// Types `cmd` and returns the lines it printed, up to a marker the guest
-/// shell computes (so the echoed command line never matches).
-fn run_in_guest(c: &mut Console, cmd: &str, tag: &str) -> Vec<String> {
-    let mark = c.line_count();
-    c.type_line(&format!("{cmd}; echo {tag}-END-$((40+2))"));
-    let end = c.wait_for(mark, &format!("the end of `{cmd}`"), |l| l.contains(&format!("{tag}-END-42")));
-    let lines = c.lines()[mark..end].iter().filter(|l| heartbeat(l).is_none()).cloned().collect();
-    c.wait_prompt(end, "guest# ");
-    lines
-}
-
 fn boot(name: &str, cmdline: &str) -> Console {
     let c = Console::start(&["--vcpus", "2", "--name", name, "--cmdline", cmdline]);
     let shell = c.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
     c.wait_prompt(shell, "guest# ");
     c
-}
-
-fn service_pid(c: &Console) -> u32 {
-    let l = c.lines().into_iter().find(|l| l.contains("service started pid=")).expect("service line");
-    l.rsplit('=').next().unwrap().trim().parse().unwrap()
 }
 
 #[test]
@@ -65,47 +48,6 @@ fn introspection_matches_the_guest() {
     c.type_line("poweroff -f");
     assert!(c.wait_exit().success(), "{}", c.stderr());
     eprintln!("KASLR boot slide {slide:#x}");
-}
-
-fn ps_matches(c: &mut Console, name: &str) {
-    let guest = run_in_guest(c, "ps -o pid,ppid,comm", "PS");
-    // Right after the guest's ps, freeze the VM and walk its task list.
-    dvisor_json(&["pause", "--vm", name]);
-    // --consistent also runs the walk with the translation cache.
-    let ours = dvisor_json(&["ps", "--vm", name, "--consistent"]);
-    let paused = dvisor_json(&["status", "--vm", name]);
-    assert_eq!(paused["vm"]["state"], "paused", "--consistent resumed a VM it had not paused");
-    dvisor_json(&["resume", "--vm", name]);
-    let guest: BTreeSet<(u64, u64, String)> = guest
-        .iter()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let pid = f.next()?.parse().ok()?;
-            let ppid = f.next()?.parse().ok()?;
-            // Linux shows a busy kworker with its workqueue appended
-            // ("kworker/0:0-rcu_gp"); the task's comm is the part before.
-            let comm = f.next()?;
-            let comm = if comm.starts_with("kworker/") { comm.split('-').next()? } else { comm };
-            Some((pid, ppid, comm.to_string()))
-        })
-        // The ps process itself has exited by now.
-        .filter(|(_, _, comm)| comm != "ps")
-        .collect();
-    let ours: BTreeSet<(u64, u64, String)> = ours
-        .as_array()
-        .unwrap()
-        .iter()
-        // busybox ps lists /proc, which has no pid 0.
-        .filter(|p| p["pid"] != 0)
-        .map(|p| (p["pid"].as_u64().unwrap(), p["ppid"].as_u64().unwrap(), p["comm"].as_str().unwrap().to_string()))
-        .collect();
-    assert!(guest.len() > 10, "guest ps printed too little: {guest:?}");
-    let only_ours: Vec<_> = ours.difference(&guest).collect();
-    let only_guest: Vec<_> = guest.difference(&ours).collect();
-    assert!(
-        only_ours.is_empty() && only_guest.is_empty(),
-        "dvisor ps differs from the guest's ps: only in dvisor {only_ours:?}, only in the guest {only_guest:?}"
-    );
 }
 
 fn maps_match(c: &mut Console, name: &str) {
@@ -142,13 +84,6 @@ fn maps_match(c: &mut Console, name: &str) {
         .collect();
     assert!(guest.len() >= 5, "guest maps: {guest:?}");
     assert_eq!(ours, guest, "dvisor maps differs from /proc/{pid}/maps");
-}
-
-fn symbol_addr(elf: &std::path::Path, sym: &str) -> u64 {
-    let out = std::process::Command::new("nm").arg(elf).output().expect("run nm (binutils)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.ends_with(&format!(" {sym}"))).unwrap_or_else(|| panic!("no {sym} in {}", elf.display()));
-    u64::from_str_radix(line.split_whitespace().next().unwrap(), 16).unwrap()
 }
 
 fn counter_matches(c: &Console, name: &str, service: &std::path::Path) {

@@ -96,6 +96,19 @@ pub enum ControlRequest {
     },
     PatchList,
     PatchRevert { patch: u32 },
+    /// A live snapshot of the VM into `out` (a path on the VMM's host),
+    /// incremental over `parent` if given.
+    Snapshot {
+        out: std::path::PathBuf,
+        #[serde(default)]
+        parent: Option<std::path::PathBuf>,
+    },
+    /// In-place restore of the VM from snapshot `dir`.
+    Restore {
+        dir: std::path::PathBuf,
+        #[serde(default)]
+        paused: bool,
+    },
     /// Runs a system call inside a process (used by the patcher for its
     /// space; exposed for debugging).
     Syscall {

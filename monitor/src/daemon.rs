@@ -27,7 +27,8 @@ use crate::guest_memory::GuestMemoryMap;
 const RECENT_EVENTS: usize = 1000;
 /// How long to wait for a VMM that is still starting.
 const ATTACH_WAIT: Duration = Duration::from_secs(60);
-const ALL_KINDS: &[EventKind] = &[EventKind::Console, EventKind::Io, EventKind::Lifecycle, EventKind::Debug];
+const ALL_KINDS: &[EventKind] =
+    &[EventKind::Console, EventKind::Io, EventKind::Lifecycle, EventKind::Debug, EventKind::Progress];
 
 pub struct Monitor {
     vmm: VmmClient,
@@ -194,6 +195,8 @@ impl Monitor {
                 })
             }
             ControlRequest::Pause => return self.vmm.call(Request::Pause),
+            ControlRequest::Snapshot { out, parent } => return self.vmm.call(Request::Snapshot { out, parent }),
+            ControlRequest::Restore { dir, paused } => return self.vmm.call(Request::Restore { dir, paused }),
             ControlRequest::Resume => return self.vmm.call(Request::Resume),
             ControlRequest::Regs { vcpu } => {
                 let vcpus = match vcpu {

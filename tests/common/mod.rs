@@ -147,6 +147,17 @@ impl Console {
         stdin.flush().unwrap();
     }
 
+    /// Kills `dvisor run` with SIGKILL (no cleanup of any kind) and waits
+    /// for it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether `dvisor run` is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -385,3 +396,70 @@ pub fn try_fetch(addr: &str, timeout: Duration) -> Result<String, String> {
 pub fn fetch(addr: &str) -> String {
     try_fetch(addr, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Types `cmd` and returns the lines it printed, up to a marker the guest
+/// shell computes (so the echoed command line never matches).
+pub fn run_in_guest(c: &mut Console, cmd: &str, tag: &str) -> Vec<String> {
+    let mark = c.line_count();
+    c.type_line(&format!("{cmd}; echo {tag}-END-$((40+2))"));
+    let end = c.wait_for(mark, &format!("the end of `{cmd}`"), |l| l.contains(&format!("{tag}-END-42")));
+    let lines = c.lines()[mark..end].iter().filter(|l| heartbeat(l).is_none()).cloned().collect();
+    c.wait_prompt(end, "guest# ");
+    lines
+}
+
+pub fn service_pid(c: &Console) -> u32 {
+    let l = c.lines().into_iter().find(|l| l.contains("service started pid=")).expect("service line");
+    l.rsplit('=').next().unwrap().trim().parse().unwrap()
+}
+
+/// `dvisor ps` on VM `name` equals the guest's own `ps` (typed at its
+/// console), taken with the VM paused right after.
+pub fn ps_matches(c: &mut Console, name: &str) {
+    let guest = run_in_guest(c, "ps -o pid,ppid,comm", "PS");
+    // Right after the guest's ps, freeze the VM and walk its task list.
+    dvisor_json(&["pause", "--vm", name]);
+    // --consistent also runs the walk with the translation cache.
+    let ours = dvisor_json(&["ps", "--vm", name, "--consistent"]);
+    let paused = dvisor_json(&["status", "--vm", name]);
+    assert_eq!(paused["vm"]["state"], "paused", "--consistent resumed a VM it had not paused");
+    dvisor_json(&["resume", "--vm", name]);
+    let guest: std::collections::BTreeSet<(u64, u64, String)> = guest
+        .iter()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let pid = f.next()?.parse().ok()?;
+            let ppid = f.next()?.parse().ok()?;
+            // Linux shows a busy kworker with its workqueue appended
+            // ("kworker/0:0-rcu_gp"); the task's comm is the part before.
+            let comm = f.next()?;
+            let comm = if comm.starts_with("kworker/") { comm.split('-').next()? } else { comm };
+            Some((pid, ppid, comm.to_string()))
+        })
+        // The ps process itself has exited by now.
+        .filter(|(_, _, comm)| comm != "ps")
+        .collect();
+    let ours: std::collections::BTreeSet<(u64, u64, String)> = ours
+        .as_array()
+        .unwrap()
+        .iter()
+        // busybox ps lists /proc, which has no pid 0.
+        .filter(|p| p["pid"] != 0)
+        .map(|p| (p["pid"].as_u64().unwrap(), p["ppid"].as_u64().unwrap(), p["comm"].as_str().unwrap().to_string()))
+        .collect();
+    assert!(guest.len() > 10, "guest ps printed too little: {guest:?}");
+    let only_ours: Vec<_> = ours.difference(&guest).collect();
+    let only_guest: Vec<_> = guest.difference(&ours).collect();
+    assert!(
+        only_ours.is_empty() && only_guest.is_empty(),
+        "dvisor ps differs from the guest's ps: only in dvisor {only_ours:?}, only in the guest {only_guest:?}"
+    );
+}
+
+pub fn symbol_addr(elf: &std::path::Path, sym: &str) -> u64 {
+    let out = std::process::Command::new("nm").arg(elf).output().expect("run nm (binutils)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.ends_with(&format!(" {sym}"))).unwrap_or_else(|| panic!("no {sym} in {}", elf.display()));
+    u64::from_str_radix(line.split_whitespace().next().unwrap(), 16).unwrap()
+}
+

@@ -10,6 +10,7 @@ fn main() {
         std::process::exit(2);
     };
     let config = VmConfig {
+        name: "example".into(),
         kernel: kernel.into(),
         initrd: args.get(2).map(Into::into),
         vcpus: args.get(3).and_then(|v| v.parse().ok()).unwrap_or(1),
@@ -20,7 +21,7 @@ fn main() {
         nets: Vec::new(),
         api_socket: None,
     };
-    match dvisor_vmm::run(&config, &|| Box::new(std::io::stdout())) {
+    match dvisor_vmm::run(&config, &|| Box::new(std::io::stdout()), None) {
         Ok(RunOutcome::PowerOff) => std::process::exit(0),
         Ok(other) => {
             eprintln!("{other:?}");

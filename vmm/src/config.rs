@@ -35,6 +35,9 @@ pub struct NetConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmConfig {
+    /// The VM's name (`dvisor run --name`), recorded in its snapshots.
+    #[serde(default)]
+    pub name: String,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,

@@ -40,6 +40,8 @@ pub enum VmmError {
     Thread(#[source] std::io::Error),
     #[error("installing signal handlers: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("guest stopped on vCPU {vcpu}: {reason}\n{registers}")]
     GuestFatal { vcpu: u32, reason: String, registers: String },
 }

@@ -15,10 +15,11 @@ pub mod layout;
 pub mod lifecycle;
 pub mod memory;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vcpu_control;
 pub mod vm;
 
 pub use config::{DiskConfig, NetConfig, OnReboot, VmConfig, DEFAULT_CMDLINE};
 pub use error::VmmError;
-pub use vm::{run, RunOutcome};
+pub use vm::{run, RestoreFrom, RunOutcome};

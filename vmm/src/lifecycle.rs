@@ -11,6 +11,9 @@ pub enum VmEvent {
     Fatal { vcpu: u32, reason: String, registers: String },
     /// The VMM process received a termination signal.
     Signal(i32),
+    /// The support API put an in-place restore request in the boot's
+    /// `RestoreSlot`.
+    Restore,
 }
 
 pub type EventSender = mpsc::Sender<VmEvent>;

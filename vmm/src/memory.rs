@@ -4,12 +4,16 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 use crate::error::VmmError;
 use crate::layout;
 
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// With a dirty bitmap: every write the VMM makes through it (virtio
+/// rings, received frames, disk reads) is marked, which KVM's dirty log
+/// cannot see (snapshot/memory.rs).
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Guest RAM and the memfd behind it.
 pub struct GuestRam {

@@ -5,10 +5,11 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,6 +29,9 @@ use crate::devices::{MmioBus, PioBus};
 use crate::error::VmmError;
 use crate::lifecycle::{self, EventReceiver, EventSender, VmEvent};
 use crate::memory::GuestRam;
+use crate::devices::set::{BlockDevice, DeviceSet, NetDevice};
+use crate::devices::vmgenid::VmGenId;
+use crate::snapshot::{self, format, DevicesState, SnapshotError};
 use crate::vcpu::VcpuRunner;
 use crate::vcpu_control::VcpuControl;
 use crate::{acpi, boot, cpu, layout, signals};
@@ -48,8 +52,11 @@ pub enum RunOutcome {
 pub fn run(
     config: &VmConfig,
     make_console: &dyn Fn() -> ConsoleOut,
+    restore: Option<RestoreFrom>,
 ) -> Result<RunOutcome, VmmError> {
-    config.validate()?;
+    if restore.is_none() {
+        config.validate()?;
+    }
     let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
     for (cap, name) in [
         (Cap::Irqchip, "in-kernel irqchip"),
@@ -82,6 +89,13 @@ pub fn run(
         None => None,
     };
     let boots = AtomicU64::new(0);
+    let msr_indices = Arc::new(snapshot::vcpu::msr_index_list(&kvm)?);
+    let restore_slot = RestoreSlot::default();
+    // A snapshot to start from: checked (CLI) and loaded before any VM.
+    let mut pending: Option<PendingRestore> = match restore {
+        Some(r) => Some((snapshot::restore::prepare(&kvm, &r.dir, config)?, r, None)),
+        None => None,
+    };
 
     loop {
         tracing::debug!(vcpus = config.vcpus, mem_mib = config.mem_mib, "booting");
@@ -92,20 +106,67 @@ pub fn run(
             taps: &taps,
         };
         let console_out: ConsoleOut = Box::new(ConsoleTee::new(make_console(), hub.clone()));
-        let boot = Boot::start(&kvm, config, &ctx, console_out, &input)?;
+        let (restore_reply, boot) = match pending.take() {
+            Some((chain, from, reply)) => {
+                let b = Boot::restore(&kvm, config, &ctx, console_out, &input, &chain, &from, &msr_indices, &restore_slot);
+                let b = match (b, reply) {
+                    (Ok(b), reply) => (reply, b),
+                    (Err(e), Some(reply)) => {
+                        // The old boot is gone: the VMM cannot go on.
+                        let _ = reply.send(Err(e.to_string()));
+                        return Err(e);
+                    }
+                    (Err(e), None) => return Err(e),
+                };
+                // Announced as a boot: the monitor maps the new memory and
+                // looks for the kernel again, as after a reboot.
+                hub.lifecycle(Lifecycle::Boot, format!("boot {} (restored from {})", ctx.number, from.dir.display()));
+                b
+            }
+            None => {
+                let b = Boot::start(&kvm, config, &ctx, console_out, &input, &msr_indices, &restore_slot)?;
+                hub.lifecycle(Lifecycle::Boot, format!("boot {}", ctx.number));
+                (None, b)
+            }
+        };
         current.set(Some(boot.handles.clone()));
-        hub.lifecycle(Lifecycle::Boot, format!("boot {}", ctx.number));
-        let event = next_event(&rx);
+        if let Some(reply) = restore_reply {
+            let _ = reply.send(Ok(boot.handles.boot));
+        }
+        let event = loop {
+            let event = next_event(&rx);
+            if event != VmEvent::Restore {
+                break event;
+            }
+            // In-place restore (support API): the VMM process, its API
+            // socket and connections, the taps and the disks stay; memory,
+            // vCPUs and devices are replaced. Everything that can be
+            // checked is checked before the running boot is stopped.
+            let Some(req) = restore_slot.take() else { continue };
+            match snapshot::restore::prepare(&kvm, &req.from.dir, config) {
+                Ok(chain) => {
+                    pending = Some((chain, req.from, Some(req.reply)));
+                    break event;
+                }
+                Err(e) => {
+                    let _ = req.reply.send(Err(e.to_string()));
+                }
+            }
+        };
         tracing::debug!(?event, "lifecycle event; stopping vCPUs");
         current.set(None);
         boot.stop();
         tracing::debug!("vCPUs stopped");
         input.set(None);
+        if event == VmEvent::Restore {
+            continue;
+        }
         match &event {
             VmEvent::PowerOff => hub.lifecycle(Lifecycle::Shutdown, "guest powered off"),
             VmEvent::Signal(s) => hub.lifecycle(Lifecycle::Shutdown, format!("VMM stopped by signal {s}")),
             VmEvent::Fatal { vcpu, reason, .. } => hub.lifecycle(Lifecycle::Crash, format!("vCPU {vcpu}: {reason}")),
             VmEvent::Reset { source } => hub.lifecycle(Lifecycle::Reboot, format!("reset through {source}")),
+            VmEvent::Restore => {}
         }
         // Events the dead boot sent while it stopped are stale, except a
         // termination signal: Ctrl-C during a reboot still stops the VMM.
@@ -131,6 +192,7 @@ pub fn run(
                     return Ok(RunOutcome::Reboot);
                 }
             }
+            VmEvent::Restore => {}
         }
     }
 }
@@ -141,6 +203,52 @@ fn next_event(rx: &EventReceiver) -> VmEvent {
     rx.recv().unwrap_or(VmEvent::Signal(libc::SIGTERM))
 }
 
+fn lock_device<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where to start from instead of booting (`dvisor run --restore`, or an
+/// in-place restore through the support API).
+#[derive(Clone, Debug)]
+pub struct RestoreFrom {
+    pub dir: PathBuf,
+    /// Keep the vCPUs parked after the restore.
+    pub paused: bool,
+    /// Give the guest a new VM generation ID (always, except when the
+    /// caller restores the very same VM, e.g. a test of determinism).
+    pub new_generation: bool,
+}
+
+/// A checked snapshot chain waiting to be restored, and whom to tell.
+type PendingRestore = (Vec<format::Loaded>, RestoreFrom, Option<std::sync::mpsc::SyncSender<Result<u64, String>>>);
+
+/// An in-place restore asked for through the support API.
+pub struct RestoreRequest {
+    pub from: RestoreFrom,
+    /// Gets the new boot number, or why the restore failed.
+    pub reply: std::sync::mpsc::SyncSender<Result<u64, String>>,
+}
+
+/// Hands an in-place restore request from an API thread to the VM loop.
+#[derive(Clone, Default)]
+pub struct RestoreSlot(Arc<Mutex<Option<RestoreRequest>>>);
+
+impl RestoreSlot {
+    /// Refuses a second request while one waits.
+    pub fn put(&self, r: RestoreRequest) -> Result<(), RestoreRequest> {
+        let mut g = lock_device(&self.0);
+        if g.is_some() {
+            return Err(r);
+        }
+        *g = Some(r);
+        Ok(())
+    }
+
+    pub fn take(&self) -> Option<RestoreRequest> {
+        lock_device(&self.0).take()
+    }
+}
+
 /// What a boot gets from the VM loop.
 struct BootContext<'a> {
     events: EventSender,
@@ -149,21 +257,33 @@ struct BootContext<'a> {
     taps: &'a [Tap],
 }
 
-type NetDevice = Arc<Mutex<MmioTransport<Net<Tap>>>>;
-
 /// The virtio devices of one boot.
 struct VirtioDevices {
     bus: Arc<MmioBus>,
     slots: Vec<VirtioSlot>,
     handles: Vec<DeviceHandle>,
+    blocks: Vec<BlockDevice>,
     /// Network devices with their tap fd, for the RX threads.
     nets: Vec<(NetDevice, i32)>,
 }
 
 /// Puts each disk, then each network interface, behind its own virtio-mmio
-/// window and IOAPIC pin.
-fn attach_virtio(vm: &VmFd, ram: &GuestRam, config: &VmConfig, taps: &[Tap]) -> Result<VirtioDevices, VmmError> {
-    let mut devs = VirtioDevices { bus: Arc::new(MmioBus::new()), slots: Vec::new(), handles: Vec::new(), nets: Vec::new() };
+/// window and IOAPIC pin. With `saved`, each device continues from its
+/// snapshot state instead of starting reset.
+fn attach_virtio(
+    vm: &VmFd,
+    ram: &GuestRam,
+    config: &VmConfig,
+    taps: &[Tap],
+    saved: Option<&DevicesState>,
+) -> Result<VirtioDevices, VmmError> {
+    let mut devs = VirtioDevices {
+        bus: Arc::new(MmioBus::new()),
+        slots: Vec::new(),
+        handles: Vec::new(),
+        blocks: Vec::new(),
+        nets: Vec::new(),
+    };
     let mut bus = MmioBus::new();
     let mut next_slot = |vm: &VmFd| -> Result<(VirtioSlot, Box<EventFdIrq>), VmmError> {
         let i = devs.slots.len();
@@ -176,25 +296,46 @@ fn attach_virtio(vm: &VmFd, ram: &GuestRam, config: &VmConfig, taps: &[Tap]) -> 
         devs.slots.push(slot);
         Ok((slot, Box::new(EventFdIrq(irq))))
     };
+    let restore_err = |device: String, reason: String| VmmError::Snapshot(SnapshotError::DeviceRestore { device, reason });
     for (i, disk) in config.disks.iter().enumerate() {
         let (slot, irq) = next_slot(vm)?;
         let block = Block::open(&disk.path, disk.read_only).map_err(|e| VmmError::Disk(e.to_string()))?;
         let stats = block.stats();
-        let transport = transport(block, ram, irq)?;
-        bus.insert(slot.base, layout::VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)));
         let name = format!("vd{}", (b'a' + i as u8) as char);
+        let transport = match saved.and_then(|s| s.blocks.get(i)) {
+            Some((t, _)) => MmioTransport::from_state(block, ram.memory.clone(), irq, t)
+                .map_err(|e| restore_err(name.clone(), e.to_string()))?,
+            None => transport(block, ram, irq)?,
+        };
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(slot.base, layout::VIRTIO_MMIO_SIZE, transport.clone());
+        devs.blocks.push(transport);
         devs.handles.push(DeviceHandle { info: DeviceInfo { name, kind: "virtio-blk".into() }, stats });
     }
     for (i, (net, tap)) in config.nets.iter().zip(taps).enumerate() {
         let (slot, irq) = next_slot(vm)?;
         let tap = tap.try_clone().map_err(|e| VmmError::Net(format!("tap {}: {e}", net.tap)))?;
         let fd = tap.as_raw_fd();
-        let dev = Net::new(tap, net.mac);
-        let stats = dev.stats();
-        let transport = Arc::new(Mutex::new(transport(dev, ram, irq)?));
+        let name = format!("eth{i}");
+        let (dev, stats, transport) = match saved.and_then(|s| s.nets.get(i)) {
+            Some((t, n)) => {
+                let dev = Net::from_state(tap, n).map_err(|e| restore_err(name.clone(), e.to_string()))?;
+                let stats = dev.stats();
+                let tr = MmioTransport::from_state(dev, ram.memory.clone(), irq, t)
+                    .map_err(|e| restore_err(name.clone(), e.to_string()))?;
+                ((), stats, tr)
+            }
+            None => {
+                let dev = Net::new(tap, net.mac);
+                let stats = dev.stats();
+                ((), stats, transport(dev, ram, irq)?)
+            }
+        };
+        let _ = dev;
+        let transport = Arc::new(Mutex::new(transport));
         bus.insert(slot.base, layout::VIRTIO_MMIO_SIZE, transport.clone());
         devs.nets.push((transport, fd));
-        devs.handles.push(DeviceHandle { info: DeviceInfo { name: format!("eth{i}"), kind: "virtio-net".into() }, stats });
+        devs.handles.push(DeviceHandle { info: DeviceInfo { name, kind: "virtio-net".into() }, stats });
     }
     devs.bus = Arc::new(bus);
     Ok(devs)
@@ -246,6 +387,106 @@ struct Boot {
     device_threads: Vec<JoinHandle<()>>,
 }
 
+/// A VM with its interrupt controllers, PIT and RAM slots, no vCPU yet.
+fn new_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmmError> {
+    let vm = kvm.create_vm().map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
+        .map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+        .map_err(|e| VmmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+    vm.create_irq_chip().map_err(|e| VmmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(|e| VmmError::Kvm("KVM_CREATE_PIT2", e))?;
+    for (slot, region) in ram.memory.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `ram`, which the
+        // Boot keeps alive for as long as the VM exists.
+        unsafe { vm.set_user_memory_region(r) }.map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(vm)
+}
+
+/// The devices of a boot, built fresh or from their snapshot state.
+struct Devices {
+    set: Arc<DeviceSet>,
+    pio: Arc<PioBus>,
+    virtio: VirtioDevices,
+}
+
+fn build_devices(
+    vm: &VmFd,
+    ram: &GuestRam,
+    config: &VmConfig,
+    ctx: &BootContext<'_>,
+    console_out: ConsoleOut,
+    saved: Option<&DevicesState>,
+) -> Result<Devices, VmmError> {
+    let events = ctx.events.clone();
+    let restore_err = |device: &str, reason: String| {
+        VmmError::Snapshot(SnapshotError::DeviceRestore { device: device.into(), reason })
+    };
+    let virtio = attach_virtio(vm, ram, config, ctx.taps, saved)?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&serial_irq, COM1_GSI).map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
+    let serial = match saved {
+        Some(s) => Serial::from_state(serial_irq, console_out, &s.serial).map_err(|e| restore_err("serial", e.to_string()))?,
+        None => Serial::new(serial_irq, console_out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&kbd_irq, KEYBOARD_GSI).map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
+    let kbd_irq = Box::new(EventFdIrq(kbd_irq));
+    let i8042 = match saved {
+        Some(s) => I8042::from_state(events.clone(), kbd_irq, &s.i8042).map_err(|e| restore_err("i8042", e.to_string()))?,
+        None => I8042::new(events.clone(), kbd_irq),
+    };
+    let i8042 = Arc::new(Mutex::new(i8042));
+    let acpi_pm = match saved {
+        Some(s) => AcpiPm::from_state(events.clone(), &s.acpi_pm).map_err(|e| restore_err("acpi-pm", e.to_string()))?,
+        None => AcpiPm::new(events.clone()),
+    };
+    let acpi_pm = Arc::new(Mutex::new(acpi_pm));
+    let genid_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&genid_irq, layout::GED_GSI).map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
+    let genid_irq = Box::new(EventFdIrq(genid_irq));
+    let vmgenid = match saved {
+        Some(s) => VmGenId::restore(&ram.memory, genid_irq, &s.vmgenid).map_err(|e| restore_err("vmgenid", e.to_string()))?,
+        None => VmGenId::new(&ram.memory, genid_irq).map_err(|e| VmmError::Boot(format!("VM generation ID: {e}")))?,
+    };
+    let mut pio = PioBus::new();
+    pio.insert(COM1_PORT.into(), COM1_LEN.into(), serial.clone());
+    pio.insert(I8042_PORT.into(), I8042_LEN.into(), i8042.clone());
+    pio.insert(ACPI_PM_PORT.into(), ACPI_PM_LEN.into(), acpi_pm.clone());
+    let set = Arc::new(DeviceSet {
+        serial,
+        i8042,
+        acpi_pm,
+        blocks: virtio.blocks.clone(),
+        nets: virtio.nets.iter().map(|(n, _)| n.clone()).collect(),
+        vmgenid: Arc::new(Mutex::new(vmgenid)),
+    });
+    Ok(Devices { set, pio: Arc::new(pio), virtio })
+}
+
+/// What a boot needs to start its vCPUs and serve the API.
+struct Assembly<'a> {
+    config: &'a VmConfig,
+    ctx: &'a BootContext<'a>,
+    vm: VmFd,
+    ram: GuestRam,
+    devices: Devices,
+    msr_indices: &'a Arc<Vec<u32>>,
+    restore_slot: &'a RestoreSlot,
+    /// Start with the vCPUs parked (a restore asked to stay paused).
+    paused: bool,
+}
+
 impl Boot {
     fn start(
         kvm: &Kvm,
@@ -253,66 +494,100 @@ impl Boot {
         ctx: &BootContext<'_>,
         console_out: ConsoleOut,
         input: &InputTarget,
+        msr_indices: &Arc<Vec<u32>>,
+        restore_slot: &RestoreSlot,
     ) -> Result<Boot, VmmError> {
-        let events = ctx.events.clone();
-        let vm = kvm.create_vm().map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
-        vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
-            .map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e))?;
-        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
-            .map_err(|e| VmmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
-        vm.create_irq_chip().map_err(|e| VmmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        vm.create_pit2(pit).map_err(|e| VmmError::Kvm("KVM_CREATE_PIT2", e))?;
-
         let ram = GuestRam::new(config.mem_mib << 20)?;
-        for (slot, region) in ram.memory.iter().enumerate() {
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `ram`, which this
-            // Boot keeps alive for as long as the VM exists.
-            unsafe { vm.set_user_memory_region(r) }
-                .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
-        }
-
-        let virtio = attach_virtio(&vm, &ram, config, ctx.taps)?;
-        let mmio = virtio.bus.clone();
-        let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &virtio.slots)?;
-        let entry = boot::load_linux(
-            &ram.memory,
-            &config.kernel,
-            config.initrd.as_deref(),
-            &config.cmdline,
-            rsdp,
-        )?;
-
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        vm.register_irqfd(&serial_irq, COM1_GSI)
-            .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
-        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console_out)));
-        let mut pio = PioBus::new();
-        pio.insert(COM1_PORT.into(), COM1_LEN.into(), serial.clone());
-        let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        vm.register_irqfd(&kbd_irq, KEYBOARD_GSI)
-            .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(events.clone(), Box::new(EventFdIrq(kbd_irq)))));
-        pio.insert(I8042_PORT.into(), I8042_LEN.into(), i8042.clone());
-        pio.insert(ACPI_PM_PORT.into(), ACPI_PM_LEN.into(), Arc::new(Mutex::new(AcpiPm::new(events.clone()))));
-        let pio = Arc::new(pio);
-        input.set(Some(serial));
-
+        let vm = new_vm(kvm, &ram)?;
+        let devices = build_devices(&vm, &ram, config, ctx, console_out, None)?;
+        let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &devices.virtio.slots)?;
+        let entry = boot::load_linux(&ram.memory, &config.kernel, config.initrd.as_deref(), &config.cmdline, rsdp)?;
+        input.set(Some(devices.set.serial.clone()));
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let asm = Assembly { config, ctx, vm, ram, devices, msr_indices, restore_slot, paused: false };
+        Boot::launch(asm, |id, fd| {
+            cpu::configure_common(fd, &cpu::cpuid_for(&base_cpuid, id, u32::from(config.vcpus)))?;
+            if id == 0 {
+                cpu::configure_boot_cpu(fd, entry)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A boot that continues a snapshot (`chain`: base first, the
+    /// snapshot to restore last).
+    #[allow(clippy::too_many_arguments)]
+    fn restore(
+        kvm: &Kvm,
+        config: &VmConfig,
+        ctx: &BootContext<'_>,
+        console_out: ConsoleOut,
+        input: &InputTarget,
+        chain: &[format::Loaded],
+        from: &RestoreFrom,
+        msr_indices: &Arc<Vec<u32>>,
+        restore_slot: &RestoreSlot,
+    ) -> Result<Boot, VmmError> {
+        let Some(last) = chain.last() else {
+            return Err(VmmError::Snapshot(SnapshotError::Invalid("empty snapshot chain".into())));
+        };
+        let state = &last.state;
+        let started = std::time::Instant::now();
+        let ram = GuestRam::new(config.mem_mib << 20)?;
+        let load = snapshot::restore::load_memory(&ram, chain)?;
+        let vm = new_vm(kvm, &ram)?;
+        let devices = build_devices(&vm, &ram, config, ctx, console_out, Some(&state.devices))?;
+        state.vm.restore(&vm)?;
+        input.set(Some(devices.set.serial.clone()));
+        tracing::info!(
+            dir = %last.dir.display(),
+            memory = ?load,
+            took_ms = started.elapsed().as_millis() as u64,
+            "restoring"
+        );
+        let vcpus = state.vcpus.clone();
+        let asm = Assembly { config, ctx, vm, ram, devices, msr_indices, restore_slot, paused: from.paused };
+        let boot = Boot::launch(asm, move |id, fd| {
+            let v = vcpus.get(id as usize).ok_or_else(|| SnapshotError::Invalid(format!("no state for vCPU {id}")))?;
+            v.restore(fd)?;
+            Ok(())
+        })?;
+        if let Some(l) = load.lazy {
+            *lock_device(&boot.handles.lazy) = Some(l);
+        }
+        if from.new_generation {
+            // A restored or cloned guest is a fork of the one that was
+            // saved: its kernel must reseed its RNG (docs/snapshots.md).
+            // After the vCPUs' LAPICs are restored, or the interrupt that
+            // announces it would be overwritten.
+            let mem = boot.handles.memory.clone();
+            lock_device(&boot.handles.device_set.vmgenid).regenerate(&mem).map_err(|e| {
+                VmmError::Snapshot(SnapshotError::DeviceRestore { device: "vmgenid".into(), reason: e.to_string() })
+            })?;
+        }
+        Ok(boot)
+    }
+
+    /// Creates the vCPUs (each set up by `setup` on this thread, before it
+    /// ever runs), starts their threads and the device threads.
+    fn launch(asm: Assembly<'_>, setup: impl Fn(u32, &VcpuFd) -> Result<(), VmmError>) -> Result<Boot, VmmError> {
+        let Assembly { config, ctx, vm, ram, devices, msr_indices, restore_slot, paused } = asm;
         let stop = Arc::new(AtomicBool::new(false));
         let control = Arc::new(VcpuControl::new(usize::from(config.vcpus)));
+        if paused {
+            control.request_pause();
+        }
         let vm = Arc::new(vm);
+        let mut fds = Vec::new();
+        for id in 0..u32::from(config.vcpus) {
+            let fd = vm.create_vcpu(u64::from(id)).map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
+            setup(id, &fd)?;
+            fds.push(fd);
+        }
         let mut device_threads = Vec::new();
-        for (dev, fd) in &virtio.nets {
+        for (dev, fd) in &devices.virtio.nets {
             device_threads.push(spawn_net_rx(dev.clone(), *fd, stop.clone())?);
         }
         let handles = Arc::new(BootHandles {
@@ -323,33 +598,27 @@ impl Boot {
             memory: ram.memory.clone(),
             regions: memory_regions(&ram),
             mem_bytes: ram.size,
-            keyboard: i8042,
-            devices: virtio.handles,
+            keyboard: devices.set.i8042.clone(),
+            devices: devices.virtio.handles,
             kernel: std::path::absolute(&config.kernel).unwrap_or_else(|_| config.kernel.clone()),
+            device_set: devices.set.clone(),
+            config: config.clone(),
+            msr_indices: msr_indices.clone(),
+            snapshot_lock: Mutex::new(()),
+            restore: restore_slot.clone(),
+            events: ctx.events.clone(),
+            lazy: Mutex::new(None),
         });
-        let mut boot = Boot {
-            handles,
-            _ram: ram,
-            control: control.clone(),
-            stop: stop.clone(),
-            threads: Vec::new(),
-            device_threads,
-        };
-        for id in 0..u32::from(config.vcpus) {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
-            cpu::configure_common(&fd, &cpu::cpuid_for(&base_cpuid, id, u32::from(config.vcpus)))?;
-            if id == 0 {
-                cpu::configure_boot_cpu(&fd, entry)?;
-            }
+        let mut boot = Boot { handles, _ram: ram, control: control.clone(), stop, threads: Vec::new(), device_threads };
+        let mmio = devices.virtio.bus.clone();
+        for (id, fd) in (0u32..).zip(fds) {
             let runner = VcpuRunner {
                 id,
                 fd,
-                pio: pio.clone(),
+                pio: devices.pio.clone(),
                 mmio: mmio.clone(),
                 control: control.clone(),
-                events: events.clone(),
+                events: ctx.events.clone(),
                 hub: ctx.hub.clone(),
             };
             let handle = std::thread::Builder::new()

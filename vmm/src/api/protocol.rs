@@ -18,7 +18,7 @@ pub const MAX_READ_BYTES: u64 = 1 << 20;
 /// Features this server offers, announced in the `hello` reply.
 pub const FEATURES: &[&str] = &[
     "memfd", "pause", "pause_with_state", "regs", "sregs", "msrs", "debug", "irq", "nmi", "keys", "stats", "events",
-    "read_memory",
+    "read_memory", "snapshot", "restore", "dirty_log",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +85,36 @@ pub enum Request {
     ReadMemory { gpa: u64, len: u64 },
     Subscribe { kinds: Vec<EventKind> },
     Unsubscribe,
+    /// Writes a live snapshot of this VM into directory `out` (which must
+    /// not exist; absolute, or relative to the VMM's working directory).
+    /// With `parent`, only the pages that differ from that snapshot.
+    /// Progress goes out as `progress` events.
+    Snapshot {
+        out: std::path::PathBuf,
+        #[serde(default)]
+        parent: Option<std::path::PathBuf>,
+    },
+    /// In-place restore: replaces this VM's memory, vCPUs and devices with
+    /// the snapshot's; the VMM process, this socket, the taps and disks
+    /// stay. The reply comes once the restored VM runs (or is parked, with
+    /// `paused`).
+    Restore {
+        dir: std::path::PathBuf,
+        #[serde(default)]
+        paused: bool,
+    },
+    /// KVM's dirty-page log: `start` turns it on, `take` returns the pages
+    /// written since the last take (or start) and clears them, `stop`
+    /// turns it off.
+    DirtyLog { action: DirtyLogAction },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirtyLogAction {
+    Start,
+    Take,
+    Stop,
 }
 
 fn default_hold_ms() -> u32 {
@@ -227,6 +257,7 @@ pub enum EventKind {
     Io,
     Lifecycle,
     Debug,
+    Progress,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -271,6 +302,10 @@ pub enum Reply {
     Stats { devices: Vec<DeviceStats> },
     Bytes { gpa: u64, hex: String },
     Subscribed { kinds: Vec<EventKind> },
+    Snapshot(crate::snapshot::create::CreateReport),
+    Restored { restored: bool, boot: u64 },
+    /// Dirty pages as runs of (first page, count); page = gpa / 4096.
+    DirtyPages { runs: Vec<(u64, u64)>, pages: u64 },
     Done {},
 }
 
@@ -349,6 +384,8 @@ pub enum Event {
     Io { t_ns: u64, device: String, records: Vec<crate::devices::virtio::stats::IoRecord>, lost: u64 },
     Lifecycle { t_ns: u64, what: Lifecycle, detail: String },
     Debug { t_ns: u64, vcpu: u32, reason: DebugReason, rip: u64, dr6: u64 },
+    /// Long work (a snapshot) advanced: `done` of `total` bytes.
+    Progress { t_ns: u64, what: String, done: u64, total: u64 },
     /// The subscriber fell behind and this many events were dropped.
     Lost { count: u64 },
 }
@@ -360,6 +397,7 @@ impl Event {
             Event::Io { .. } => Some(EventKind::Io),
             Event::Lifecycle { .. } => Some(EventKind::Lifecycle),
             Event::Debug { .. } => Some(EventKind::Debug),
+            Event::Progress { .. } => Some(EventKind::Progress),
             Event::Lost { .. } => None,
         }
     }

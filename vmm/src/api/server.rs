@@ -49,6 +49,21 @@ pub struct BootHandles {
     pub keyboard: Arc<Mutex<I8042>>,
     pub devices: Vec<DeviceHandle>,
     pub kernel: PathBuf,
+    /// Every device, for snapshots.
+    pub device_set: Arc<crate::devices::set::DeviceSet>,
+    pub config: crate::config::VmConfig,
+    /// The MSRs a snapshot saves (KVM's list, read once per VMM).
+    pub msr_indices: Arc<Vec<u32>>,
+    /// One snapshot (or dirty-log user) at a time: both own the dirty log.
+    pub snapshot_lock: Mutex<()>,
+    /// Whether a client turned the dirty log on (`dirty_log start`).
+    pub dirty_log_on: AtomicBool,
+    /// In-place restore requests go to the VM loop through this.
+    pub restore: crate::vm::RestoreSlot,
+    pub events: crate::lifecycle::EventSender,
+    /// A restore still filling guest memory in the background; the memfd
+    /// is handed out only once it is complete.
+    pub lazy: Mutex<Option<crate::lazy_memory::LazyLoader>>,
 }
 
 /// The boot the API talks to; `None` between boots.
@@ -361,6 +376,7 @@ fn dispatch_vm(b: &BootHandles, hub: &EventHub, req: Request) -> Outcome {
     let reply = match req {
         Request::Status => Reply::Status(status(b)),
         Request::Memory => {
+            wait_memory_loaded(b)?;
             let fd = b.memfd.try_clone().map_err(|e| failed("duplicating the memfd", e))?;
             let reply = Reply::Memory { size: b.mem_bytes, regions: b.regions.clone(), boot: b.boot };
             return Ok((reply, Some(fd)));
@@ -493,6 +509,9 @@ fn dispatch_vm(b: &BootHandles, hub: &EventHub, req: Request) -> Outcome {
             })?;
             Reply::Bytes { gpa, hex: hex(&data) }
         }
+        Request::Snapshot { out, parent } => snapshot(b, hub, out, parent)?,
+        Request::Restore { dir, paused } => restore_in_place(b, dir, paused)?,
+        Request::DirtyLog { action } => dirty_log(b, action)?,
         Request::Hello { .. } | Request::Subscribe { .. } | Request::Unsubscribe => {
             return Err(ApiError::new(ErrorCode::BadRequest, "handled per connection"))
         }
@@ -505,6 +524,134 @@ fn check_msr_count(n: usize) -> Result<(), ApiError> {
         return Err(ApiError::new(ErrorCode::OutOfRange, format!("{n} MSRs in one request: use 1 to {MAX_MSRS}")));
     }
     Ok(())
+}
+
+/// A restored VM's memfd is complete only once its lazy loader is done;
+/// another process mapping it earlier would see zeros where the snapshot
+/// has data.
+fn wait_memory_loaded(b: &BootHandles) -> Result<(), ApiError> {
+    let guard = b.lazy.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(l) = guard.as_ref() {
+        l.wait_loaded().map_err(|e| failed("loading the snapshot's memory", e))?;
+    }
+    Ok(())
+}
+
+/// Publishes snapshot progress at most every 100 ms (and the last one).
+struct ProgressEvents<'a> {
+    hub: &'a EventHub,
+    last: Option<Instant>,
+}
+
+impl ProgressEvents<'_> {
+    fn report(&mut self, p: crate::snapshot::create::Progress) {
+        let due = self.last.is_none_or(|t| t.elapsed() >= Duration::from_millis(100)) || p.bytes_done >= p.bytes_total;
+        if due {
+            self.last = Some(Instant::now());
+            self.hub.publish(Event::Progress { t_ns: monotonic_ns(), what: p.phase.into(), done: p.bytes_done, total: p.bytes_total });
+        }
+    }
+}
+
+fn snapshot(b: &BootHandles, hub: &EventHub, out: PathBuf, parent: Option<PathBuf>) -> Result<Reply, ApiError> {
+    use crate::snapshot::{create, SavedConfig, SavedDisk};
+    let _one = b.snapshot_lock.try_lock().map_err(|_| {
+        ApiError::new(ErrorCode::WrongState, "another snapshot of this VM is in progress: wait for it to finish")
+    })?;
+    if b.dirty_log_on.load(Ordering::Acquire) {
+        return Err(ApiError::new(ErrorCode::WrongState, "a client is using the dirty log (dirty_log start): stop it first"));
+    }
+    wait_memory_loaded(b)?;
+    let c = &b.config;
+    let mut disks = Vec::new();
+    for d in &c.disks {
+        let identity = crate::devices::virtio::block::DiskIdentity::of(&d.path)
+            .map_err(|e| failed(&format!("reading disk {}", d.path.display()), e))?;
+        disks.push(SavedDisk { config: d.clone(), identity });
+    }
+    let config = SavedConfig {
+        vm_name: c.name.clone(),
+        kernel: b.kernel.clone(),
+        initrd: c.initrd.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+        cmdline: c.cmdline.clone(),
+        vcpus: c.vcpus,
+        mem_mib: c.mem_mib,
+        disks,
+        nets: c.nets.clone(),
+    };
+    let src = create::Source {
+        vm: &b.vm,
+        control: &b.control,
+        memory: &b.memory,
+        devices: &b.device_set,
+        config,
+        msr_indices: &b.msr_indices,
+    };
+    let mut progress = ProgressEvents { hub, last: None };
+    let report = create::create(&src, &create::CreateOptions { out, parent }, &mut |p| progress.report(p))
+        .map_err(|e| {
+            let code = match &e {
+                crate::snapshot::SnapshotError::Exists(_) => ErrorCode::WrongState,
+                e if e.is_bad_snapshot() => ErrorCode::OutOfRange,
+                _ => ErrorCode::Failed,
+            };
+            ApiError::new(code, format!("snapshot: {e}"))
+        })?;
+    Ok(Reply::Snapshot(report))
+}
+
+fn restore_in_place(b: &BootHandles, dir: PathBuf, paused: bool) -> Result<Reply, ApiError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let from = crate::vm::RestoreFrom { dir, paused, new_generation: true };
+    b.restore
+        .put(crate::vm::RestoreRequest { from, reply: tx })
+        .map_err(|_| ApiError::new(ErrorCode::WrongState, "another restore of this VM is in progress"))?;
+    if b.events.send(crate::lifecycle::VmEvent::Restore).is_err() {
+        return Err(ApiError::new(ErrorCode::WrongState, "the VM is shutting down"));
+    }
+    match rx.recv_timeout(Duration::from_secs(600)) {
+        Ok(Ok(boot)) => Ok(Reply::Restored { restored: true, boot }),
+        Ok(Err(e)) => Err(ApiError::new(ErrorCode::Failed, format!("restore: {e}"))),
+        Err(_) => Err(ApiError::new(ErrorCode::Failed, "restore: the VM loop did not answer")),
+    }
+}
+
+fn dirty_log(b: &BootHandles, action: DirtyLogAction) -> Result<Reply, ApiError> {
+    use crate::snapshot::memory;
+    let _one = b.snapshot_lock.try_lock().map_err(|_| {
+        ApiError::new(ErrorCode::WrongState, "a snapshot of this VM is in progress: wait for it to finish")
+    })?;
+    let fail = |e: crate::snapshot::SnapshotError| failed("dirty log", e);
+    match action {
+        DirtyLogAction::Start => {
+            memory::set_dirty_logging(&b.vm, &b.memory, true).map_err(fail)?;
+            let mut scratch = memory::PageSet::default();
+            memory::take_dirty(&b.vm, &b.memory, &mut scratch).map_err(fail)?;
+            b.dirty_log_on.store(true, Ordering::Release);
+            Ok(Reply::Done {})
+        }
+        DirtyLogAction::Stop => {
+            memory::set_dirty_logging(&b.vm, &b.memory, false).map_err(fail)?;
+            b.dirty_log_on.store(false, Ordering::Release);
+            Ok(Reply::Done {})
+        }
+        DirtyLogAction::Take => {
+            if !b.dirty_log_on.load(Ordering::Acquire) {
+                return Err(ApiError::new(ErrorCode::WrongState, "the dirty log is off: send dirty_log start first"));
+            }
+            let end = b.regions.iter().map(|r| r.gpa + r.size).max().unwrap_or(0);
+            let mut set = memory::PageSet::with_pages(end / memory::PAGE_SIZE);
+            memory::take_dirty(&b.vm, &b.memory, &mut set).map_err(fail)?;
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for p in set.iter() {
+                match runs.last_mut() {
+                    Some((first, n)) if *first + *n == p => *n += 1,
+                    _ => runs.push((p, 1)),
+                }
+            }
+            Ok(Reply::DirtyPages { pages: set.count(), runs })
+        }
+    }
 }
 
 fn status(b: &BootHandles) -> Status {

@@ -5,6 +5,7 @@ pub mod i8042;
 pub mod irq;
 pub mod keymap;
 pub mod serial;
+pub mod set;
 pub mod virtio;
 
 pub use bus::{MmioBus, MmioDevice, PioBus, PioDevice};

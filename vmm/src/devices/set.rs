@@ -1,0 +1,68 @@
+//! The devices of one boot, held together so that a snapshot can stop
+//! them all at once and read their state.
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::acpi_pm::AcpiPm;
+use super::i8042::I8042;
+use super::serial::Serial;
+use super::virtio::block::Block;
+use super::virtio::mmio::MmioTransport;
+use super::virtio::net::{Net, Tap};
+use super::vmgenid::VmGenId;
+use crate::snapshot::{DevicesState, SnapshotError};
+
+pub type BlockDevice = Arc<Mutex<MmioTransport<Block>>>;
+pub type NetDevice = Arc<Mutex<MmioTransport<Net<Tap>>>>;
+
+pub struct DeviceSet {
+    pub serial: Arc<Mutex<Serial>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub acpi_pm: Arc<Mutex<AcpiPm>>,
+    pub blocks: Vec<BlockDevice>,
+    pub nets: Vec<NetDevice>,
+    pub vmgenid: Arc<Mutex<VmGenId>>,
+}
+
+/// Every device locked: no device thread (net RX) can touch guest memory
+/// or device state until this is dropped.
+pub struct LockedDevices<'a> {
+    serial: MutexGuard<'a, Serial>,
+    i8042: MutexGuard<'a, I8042>,
+    acpi_pm: MutexGuard<'a, AcpiPm>,
+    blocks: Vec<MutexGuard<'a, MmioTransport<Block>>>,
+    nets: Vec<MutexGuard<'a, MmioTransport<Net<Tap>>>>,
+    vmgenid: MutexGuard<'a, VmGenId>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A device whose thread panicked keeps plain register state: usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DeviceSet {
+    pub fn lock_all(&self) -> LockedDevices<'_> {
+        LockedDevices {
+            serial: lock(&self.serial),
+            i8042: lock(&self.i8042),
+            acpi_pm: lock(&self.acpi_pm),
+            blocks: self.blocks.iter().map(|b| lock(b)).collect(),
+            nets: self.nets.iter().map(|n| lock(n)).collect(),
+            vmgenid: lock(&self.vmgenid),
+        }
+    }
+}
+
+impl LockedDevices<'_> {
+    /// Every device's state; a device that cannot say its state fails the
+    /// whole snapshot with its name.
+    pub fn state(&self) -> Result<DevicesState, SnapshotError> {
+        Ok(DevicesState {
+            serial: self.serial.state(),
+            i8042: self.i8042.state(),
+            acpi_pm: self.acpi_pm.state(),
+            blocks: self.blocks.iter().map(|b| (b.state(), b.device().state())).collect(),
+            nets: self.nets.iter().map(|n| (n.state(), n.device().state())).collect(),
+            vmgenid: self.vmgenid.state(),
+        })
+    }
+}

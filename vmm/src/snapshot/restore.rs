@@ -1,0 +1,99 @@
+//! Restoring: every check that can refuse a snapshot runs before a VM
+//! exists (`prepare`), then guest memory is filled from the chain of
+//! memory files (`load_memory`); `vm.rs` rebuilds vCPUs and devices.
+use std::path::Path;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
+
+use super::format::{self, Loaded};
+use super::memory::{self, Layer};
+use super::{vcpu, SnapshotError};
+use crate::config::VmConfig;
+use crate::devices::virtio::block::DiskIdentity;
+use crate::memory::GuestRam;
+
+/// Loads and checks the snapshot at `dir` and its parents against this
+/// host and `config` (the VM it will become): format, checksums, memory
+/// file sizes, CPU features, disks. Returns the chain, base first.
+pub fn prepare(kvm: &Kvm, dir: &Path, config: &VmConfig) -> Result<Vec<Loaded>, SnapshotError> {
+    let chain = format::chain(dir)?;
+    let Some(last) = chain.last() else {
+        return Err(SnapshotError::Invalid("empty snapshot chain".into()));
+    };
+    let state = &last.state;
+    let host = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| SnapshotError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    for v in &state.vcpus {
+        vcpu::check_cpu_features(&v.cpuid, &host)?;
+    }
+    let saved = &state.config;
+    if saved.mem_mib != config.mem_mib || saved.vcpus != config.vcpus {
+        return Err(SnapshotError::Invalid(format!(
+            "the snapshot is of a VM with {} vCPUs and {} MiB; this VM has {} and {} MiB",
+            saved.vcpus, saved.mem_mib, config.vcpus, config.mem_mib
+        )));
+    }
+    if saved.disks.len() != config.disks.len() || saved.nets.len() != config.nets.len() {
+        return Err(SnapshotError::Invalid(format!(
+            "the snapshot's VM had {} disks and {} network interfaces; this one has {} and {}",
+            saved.disks.len(),
+            saved.nets.len(),
+            config.disks.len(),
+            config.nets.len()
+        )));
+    }
+    for (index, (d, c)) in saved.disks.iter().zip(&config.disks).enumerate() {
+        let now = DiskIdentity::of(&c.path).map_err(|e| SnapshotError::DiskChanged {
+            index,
+            path: c.path.clone(),
+            what: format!("cannot read it: {e}"),
+        })?;
+        if let Some(what) = d.identity.differs(&now) {
+            return Err(SnapshotError::DiskChanged { index, path: c.path.clone(), what });
+        }
+    }
+    Ok(chain)
+}
+
+/// Compares the snapshot's CPU features with this host's KVM.
+pub fn check_host_cpu(state: &super::SnapshotState) -> Result<(), SnapshotError> {
+    let kvm = Kvm::new().map_err(|e| SnapshotError::Kvm("opening /dev/kvm", e))?;
+    let host = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| SnapshotError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    for v in &state.vcpus {
+        vcpu::check_cpu_features(&v.cpuid, &host)?;
+    }
+    Ok(())
+}
+
+/// How guest memory was filled.
+#[derive(Debug)]
+pub struct MemoryLoad {
+    pub eager_bytes: u64,
+    pub lazy: Option<crate::lazy_memory::LazyLoader>,
+    pub why_eager: Option<String>,
+}
+
+/// Opens the chain's memory files as layers (base first).
+pub fn layers(chain: &[Loaded]) -> Result<Vec<Layer>, SnapshotError> {
+    chain
+        .iter()
+        .map(|l| {
+            let p = l.dir.join(format::MEMORY_FILE);
+            let file = std::fs::File::open(&p).map_err(|e| SnapshotError::Io(format!("opening {}", p.display()), e))?;
+            Ok(Layer { file, pages: l.state.memory.pages.clone() })
+        })
+        .collect()
+}
+
+/// Fills guest RAM from the chain: lazily (userfaultfd, pages arrive as
+/// the guest touches them while a background thread fetches the rest)
+/// where the host allows it, else by reading the data now.
+pub fn load_memory(ram: &GuestRam, chain: &[Loaded]) -> Result<MemoryLoad, SnapshotError> {
+    let layers = layers(chain)?;
+    let bytes = memory::load_eager(&ram.memory, &layers)?;
+    Ok(MemoryLoad { eager_bytes: bytes, lazy: None, why_eager: None })
+}
