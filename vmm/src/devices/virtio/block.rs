@@ -1,22 +1,30 @@
-//! virtio-blk (virtio 1.2 §5.2) over a raw image file.
+//! virtio-blk (virtio 1.2 §5.2) over a disk image: a raw file or a
+//! copy-on-write overlay chain (`disk.rs`, `overlay.rs`).
 //!
 //! A request is `header (16 bytes, readable) | data | status (1 byte,
 //! writable, last)`. Every sector range is checked against the capacity and
 //! data moves through a bounded bounce buffer, so a guest asking for 4 GiB
 //! costs it time, not the VMM memory.
-use std::fs::{File, OpenOptions};
+//!
+//! For snapshots and clones the device can describe itself
+//! ([`Block::state`], [`BlockState`]), be rebuilt from that description
+//! ([`Block::from_state`]), and switch a running VM onto a fresh overlay at
+//! a clone point ([`Block::fork`], [`Block::replace_image`]) so that the
+//! file it used until then stays frozen for the clones to share.
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 
 use super::chain::{self, Buffers};
+pub use super::disk::{DiskIdentity, DiskImage, ImageFormat, SECTOR_SIZE};
+use super::disk::{self, DiskError, RawImage};
+use super::overlay::Overlay;
 use super::stats::{IoKind, StatsHandle};
 use super::{VirtioDevice, VirtioError, TYPE_BLOCK};
 use crate::memory::GuestMemory;
 
-pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
 
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -34,7 +42,8 @@ pub const VIRTIO_BLK_S_IOERR: u8 = 1;
 pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 const HEADER_LEN: usize = 16;
-const ID_LEN: usize = 20;
+/// The serial a GET_ID request returns: 20 bytes, NUL-padded.
+pub const ID_LEN: usize = 20;
 const BOUNCE_LEN: usize = 128 << 10;
 
 /// Why one request failed; the guest sees IOERR or UNSUPP, we log at debug
@@ -55,8 +64,31 @@ enum RequestError {
     Disk(io::Error),
 }
 
+/// What a virtio-blk device is, beyond its queues (which the transport
+/// saves): enough to rebuild it over an image and to check that image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// The capacity the guest was told, in 512-byte sectors.
+    pub capacity_sectors: u64,
+    pub read_only: bool,
+    /// The serial GET_ID returns (the guest's /dev/disk/by-id name), kept
+    /// across a rebuild even when the image file has another name.
+    pub id: String,
+    pub format: ImageFormat,
+    /// The image file the device was using when the state was taken.
+    pub image: DiskIdentity,
+}
+
+impl BlockState {
+    /// Fails, saying what changed, unless the image file is still the one
+    /// recorded: a restored guest must find the disk it left.
+    pub fn check_image(&self) -> Result<(), DiskError> {
+        self.image.check()
+    }
+}
+
 pub struct Block {
-    file: File,
+    image: Box<dyn DiskImage>,
     capacity: u64,
     read_only: bool,
     id: [u8; ID_LEN],
@@ -65,32 +97,40 @@ pub struct Block {
     bounce: Vec<u8>,
 }
 
+/// The GET_ID serial for a name: its first 20 bytes, NUL-padded.
+fn id_bytes(name: &[u8]) -> [u8; ID_LEN] {
+    let mut id = [0u8; ID_LEN];
+    let n = name.len().min(ID_LEN);
+    id[..n].copy_from_slice(&name[..n]);
+    id
+}
+
 impl Block {
-    /// Opens `path` (read-only files are opened without write access, so
-    /// not even a VMM bug can change them).
+    /// Opens the image at `path`: an overlay (and its chain of bases) if the
+    /// file starts with the overlay magic, else a raw file. Read-only
+    /// images are opened without write access, so not even a VMM bug can
+    /// change them. The serial is the file's name.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, VirtioError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| VirtioError::DiskOpen(path.to_owned(), e))?;
-        Self::from_file(file, path, read_only)
+        Self::new(disk::open_image(path, read_only)?)
     }
 
-    /// `path` names the image in errors and gives the disk its serial.
-    pub fn from_file(file: File, path: &Path, read_only: bool) -> Result<Self, VirtioError> {
-        let size = file
-            .metadata()
-            .map_err(|e| VirtioError::DiskOpen(path.to_owned(), e))?
-            .len();
-        if !size.is_multiple_of(SECTOR_SIZE) {
-            return Err(VirtioError::DiskSize { path: PathBuf::from(path), size });
-        }
-        let mut id = [0u8; ID_LEN];
-        let name = path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b"dvisor-disk");
-        let n = name.len().min(ID_LEN);
-        id[..n].copy_from_slice(&name[..n]);
+    /// A raw image from an open file; `path` names it in errors and gives
+    /// the disk its serial.
+    pub fn from_file(file: std::fs::File, path: &Path, read_only: bool) -> Result<Self, VirtioError> {
+        Self::new(Box::new(RawImage::from_file(file, path, read_only, disk::Lock::Shared)?))
+    }
 
+    /// A device over `image`, whose file name becomes the serial.
+    pub fn new(image: Box<dyn DiskImage>) -> Result<Self, VirtioError> {
+        let name = image.path().file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_else(|| b"dvisor-disk".to_vec());
+        Self::with_id(image, id_bytes(&name))
+    }
+
+    fn with_id(image: Box<dyn DiskImage>, id: [u8; ID_LEN]) -> Result<Self, VirtioError> {
+        let size = image.size();
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            return Err(DiskError::Size { path: image.path().to_owned(), size }.into());
+        }
         let mut config = Vec::with_capacity(24);
         config.extend((size / SECTOR_SIZE).to_le_bytes()); // capacity
         config.extend(0u32.to_le_bytes()); // size_max: not offered
@@ -98,14 +138,119 @@ impl Block {
         config.extend([0u8; 4]); // geometry: not offered
         config.extend((SECTOR_SIZE as u32).to_le_bytes()); // blk_size
         Ok(Block {
-            file,
+            read_only: image.read_only(),
+            image,
             capacity: size,
-            read_only,
             id,
             config,
             stats: StatsHandle::default(),
             bounce: vec![0; BOUNCE_LEN],
         })
+    }
+
+    /// Rebuilds a device from a saved state over `image`, which must have
+    /// the saved capacity and access; the serial is the saved one. Whether
+    /// `image` is the saved file is the caller's check
+    /// ([`BlockState::check_image`]): a clone is rebuilt over its own
+    /// overlay, not over the file the state names.
+    pub fn from_state(state: &BlockState, image: Box<dyn DiskImage>) -> Result<Self, VirtioError> {
+        let mismatch = |reason: String| VirtioError::ImageMismatch { path: image.path().to_owned(), reason };
+        if image.size() != state.capacity_sectors.saturating_mul(SECTOR_SIZE) {
+            return Err(mismatch(format!(
+                "the image is {} bytes but the saved device had {} sectors ({} bytes)",
+                image.size(),
+                state.capacity_sectors,
+                state.capacity_sectors.saturating_mul(SECTOR_SIZE)
+            )));
+        }
+        if image.read_only() != state.read_only {
+            return Err(mismatch(format!(
+                "the image is open {} but the saved device was {}",
+                access(image.read_only()),
+                access(state.read_only)
+            )));
+        }
+        Self::with_id(image, id_bytes(state.id.as_bytes()))
+    }
+
+    /// The device as it is now, for a snapshot. Call [`Block::sync`] first
+    /// (with the VM paused): until then an overlay may hold allocations in
+    /// memory whose later flush would change the file after its identity
+    /// was taken.
+    pub fn state(&self) -> Result<BlockState, VirtioError> {
+        let image = self.image.identity().map_err(DiskError::io("read the metadata of", self.image.path()))?;
+        let end = self.id.iter().position(|&b| b == 0).unwrap_or(ID_LEN);
+        Ok(BlockState {
+            capacity_sectors: self.capacity_sectors(),
+            read_only: self.read_only,
+            id: String::from_utf8_lossy(&self.id[..end]).into_owned(),
+            format: self.image.format(),
+            image,
+        })
+    }
+
+    /// Makes every completed guest write durable and puts the image file in
+    /// its final state for as long as the guest writes nothing more.
+    pub fn sync(&mut self) -> Result<(), VirtioError> {
+        self.image.flush().map_err(|e| DiskError::Io { op: "flush", path: self.image.path().to_owned(), source: e }.into())
+    }
+
+    /// Serves `image` from now on and hands back the one it replaces, after
+    /// flushing it. For a clone point, with the VM paused: the new image
+    /// must have the same size and access, since the guest already
+    /// negotiated both. On error nothing changes.
+    pub fn replace_image(&mut self, image: Box<dyn DiskImage>) -> Result<Box<dyn DiskImage>, VirtioError> {
+        let mismatch = |reason: String| VirtioError::ImageMismatch { path: image.path().to_owned(), reason };
+        if image.size() != self.capacity {
+            return Err(mismatch(format!("the image is {} bytes but the device has {} bytes", image.size(), self.capacity)));
+        }
+        if image.read_only() != self.read_only {
+            return Err(mismatch(format!(
+                "the image is open {} but the device is {}",
+                access(image.read_only()),
+                access(self.read_only)
+            )));
+        }
+        self.sync()?;
+        Ok(std::mem::replace(&mut self.image, image))
+    }
+
+    /// The clone point for this disk: syncs the image, freezes its file
+    /// under a new overlay at `overlay` and serves that overlay from now on.
+    /// Returns the frozen file's identity; clones get their own overlays
+    /// over it (`Overlay::create(&identity.path, ...)`), and the file must
+    /// not be written again. A read-only disk never changes, so it is left
+    /// as it is and its own identity returned. On error the device keeps
+    /// its image and no overlay is left behind.
+    pub fn fork(&mut self, overlay: &Path) -> Result<DiskIdentity, VirtioError> {
+        self.sync()?;
+        let frozen = self.image.path().to_owned();
+        if self.read_only {
+            return Ok(self.image.identity().map_err(DiskError::io("read the metadata of", &frozen))?);
+        }
+        Overlay::create(&frozen, overlay)?;
+        let switched = Overlay::open(overlay, false)
+            .map_err(VirtioError::from)
+            .and_then(|ov| self.replace_image(Box::new(ov)));
+        match switched {
+            // The old handle is synced, so dropping it writes nothing.
+            Ok(old) => drop(old),
+            Err(e) => {
+                let _ = std::fs::remove_file(overlay);
+                return Err(e);
+            }
+        }
+        Ok(DiskIdentity::of(&frozen)?)
+    }
+
+    /// The image served now.
+    pub fn image(&self) -> &dyn DiskImage {
+        self.image.as_ref()
+    }
+
+    /// The file the image was opened from (the top of an overlay chain).
+    pub fn image_path(&self) -> PathBuf {
+        self.image.path().to_owned()
     }
 
     pub fn capacity_sectors(&self) -> u64 {
@@ -160,7 +305,7 @@ impl Block {
             VIRTIO_BLK_T_IN => self.read(sector, writer),
             VIRTIO_BLK_T_OUT => self.write(sector, reader),
             VIRTIO_BLK_T_FLUSH => {
-                self.file.sync_data().map_err(RequestError::Disk)?;
+                self.image.flush().map_err(RequestError::Disk)?;
                 self.stats.record(IoKind::Flush, 0);
                 Ok(())
             }
@@ -190,7 +335,7 @@ impl Block {
         let mut left = len;
         while left > 0 {
             let chunk = &mut self.bounce[..left.min(BOUNCE_LEN)];
-            self.file.read_exact_at(chunk, offset).map_err(RequestError::Disk)?;
+            self.image.read_at(chunk, offset).map_err(RequestError::Disk)?;
             writer.write_all(chunk).map_err(RequestError::Guest)?;
             offset += chunk.len() as u64;
             left -= chunk.len();
@@ -209,12 +354,20 @@ impl Block {
         while left > 0 {
             let chunk = &mut self.bounce[..left.min(BOUNCE_LEN)];
             reader.read_exact(chunk).map_err(RequestError::Guest)?;
-            self.file.write_all_at(chunk, offset).map_err(RequestError::Disk)?;
+            self.image.write_at(chunk, offset).map_err(RequestError::Disk)?;
             offset += chunk.len() as u64;
             left -= chunk.len();
         }
         self.stats.record(IoKind::Write, len as u64);
         Ok(())
+    }
+}
+
+fn access(read_only: bool) -> &'static str {
+    if read_only {
+        "read-only"
+    } else {
+        "read-write"
     }
 }
 
