@@ -414,6 +414,7 @@ mod tests {
     use std::io::Write as _;
 
     use super::*;
+    use crate::devices::virtio::disk;
     use crate::devices::virtio::testing::{Buf, Driver, RawDesc, F_NEXT, F_WRITE, INTERRUPT_STATUS};
     use crate::devices::virtio::VIRTIO_F_VERSION_1;
 
@@ -557,6 +558,158 @@ mod tests {
         assert!(msg.contains("1000 bytes") && msg.contains("512"), "{msg}");
         let missing = Block::open(Path::new("/nonexistent/disk.img"), true).err().expect("missing image");
         assert!(missing.to_string().contains("/nonexistent/disk.img"));
+    }
+
+    /// A raw base of `sectors` patterned sectors and an overlay over it.
+    fn base_and_overlay(dir: &tempfile::TempDir, sectors: usize) -> (PathBuf, PathBuf) {
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, pattern(sectors * 512, 5)).unwrap();
+        let ovl = dir.path().join("vm.ovl");
+        Overlay::create(&base, &ovl).unwrap();
+        (base, ovl)
+    }
+
+    fn get_id(d: &mut Driver<Block>) -> Vec<u8> {
+        let mut id = vec![0u8; 20];
+        assert_eq!(request(d, VIRTIO_BLK_T_GET_ID, 0, &mut id).0, VIRTIO_BLK_S_OK);
+        id
+    }
+
+    #[test]
+    fn an_overlay_disk_reads_the_base_and_writes_only_the_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, ovl) = base_and_overlay(&dir, 256);
+        let base_bytes = std::fs::read(&base).unwrap();
+        let mut d = Driver::new(Block::open(&ovl, false).unwrap());
+        d.probe(ALL, 1);
+        assert_eq!(d.config(0, 8), 256u64.to_le_bytes(), "the capacity is the base's");
+        assert_eq!(d.dev.device().image().format(), ImageFormat::Overlay);
+
+        let mut back = vec![0u8; 4 * 512];
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_IN, 10, &mut back).0, VIRTIO_BLK_S_OK);
+        assert_eq!(back, &base_bytes[10 * 512..14 * 512]);
+
+        let data = pattern(3 * 512, 99);
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_OUT, 130, &mut data.clone()).0, VIRTIO_BLK_S_OK);
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_FLUSH, 0, &mut Vec::new()).0, VIRTIO_BLK_S_OK);
+        let mut back = vec![0u8; 5 * 512];
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_IN, 129, &mut back).0, VIRTIO_BLK_S_OK);
+        assert_eq!(&back[..512], &base_bytes[129 * 512..130 * 512]);
+        assert_eq!(&back[512..4 * 512], &data[..]);
+        assert_eq!(&back[4 * 512..], &base_bytes[133 * 512..134 * 512]);
+        assert_eq!(std::fs::read(&base).unwrap(), base_bytes, "the base is never written");
+
+        // The flush made the allocation durable: a second reader sees it.
+        let again = Overlay::open(&ovl, true).unwrap();
+        assert_eq!(again.allocated_clusters(), 1);
+        let mut on_disk = vec![0u8; 3 * 512];
+        again.read_at(&mut on_disk, 130 * 512).unwrap();
+        assert_eq!(on_disk, data);
+    }
+
+    #[test]
+    fn fork_freezes_the_disk_for_clones_and_keeps_the_guest_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.raw");
+        std::fs::write(&img, vec![0u8; 256 * 512]).unwrap();
+        let mut d = Driver::new(Block::open(&img, false).unwrap());
+        d.probe(ALL, 1);
+        let id = get_id(&mut d);
+        let before = pattern(512, 1);
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_OUT, 7, &mut before.clone()).0, VIRTIO_BLK_S_OK);
+
+        // The clone point, for this disk.
+        let parent_ovl = dir.path().join("parent.ovl");
+        let frozen = d.dev.device_mut().fork(&parent_ovl).unwrap();
+        assert_eq!(frozen, DiskIdentity::of(&img).unwrap());
+        assert_eq!(d.dev.device().image_path(), parent_ovl);
+        let clone_ovl = dir.path().join("clone.ovl");
+        Overlay::create(&frozen.path, &clone_ovl).unwrap();
+        let frozen_bytes = std::fs::read(&img).unwrap();
+
+        // The parent goes on: it reads what it wrote and writes the overlay.
+        assert_eq!(get_id(&mut d), id, "the serial does not change");
+        let mut back = vec![0u8; 512];
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_IN, 7, &mut back).0, VIRTIO_BLK_S_OK);
+        assert_eq!(back, before);
+        let after = pattern(512, 2);
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_OUT, 7, &mut after.clone()).0, VIRTIO_BLK_S_OK);
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_FLUSH, 0, &mut Vec::new()).0, VIRTIO_BLK_S_OK);
+        assert_eq!(std::fs::read(&img).unwrap(), frozen_bytes, "the frozen file stays frozen");
+        assert!(frozen.check().is_ok());
+
+        // The clone sees the disk as it was at the clone point.
+        let clone = Block::from_state(&d.dev.device().state().unwrap(), disk::open_image(&clone_ovl, false).unwrap()).unwrap();
+        let mut c = Driver::new(clone);
+        c.probe(ALL, 1);
+        assert_eq!(get_id(&mut c), id);
+        let mut back = vec![0u8; 512];
+        assert_eq!(request(&mut c, VIRTIO_BLK_T_IN, 7, &mut back).0, VIRTIO_BLK_S_OK);
+        assert_eq!(back, before);
+
+        // Forking again chains: the parent's overlay is frozen in turn.
+        let second = dir.path().join("parent2.ovl");
+        let frozen2 = d.dev.device_mut().fork(&second).unwrap();
+        assert_eq!(frozen2.path, parent_ovl);
+        let info = crate::devices::virtio::overlay::info(&second).unwrap();
+        assert_eq!((info.base, info.base_format), (std::fs::canonicalize(&parent_ovl).unwrap(), ImageFormat::Overlay));
+    }
+
+    #[test]
+    fn replace_image_refuses_another_size_or_access_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, ovl) = base_and_overlay(&dir, 64);
+        let small = dir.path().join("small.raw");
+        std::fs::write(&small, vec![0u8; 32 * 512]).unwrap();
+        let mut b = Block::open(&base, false).unwrap();
+        let err = b.replace_image(disk::open_image(&small, false).unwrap()).err().expect("size");
+        let msg = err.to_string();
+        assert!(msg.contains("small.raw") && msg.contains("16384 bytes") && msg.contains("32768"), "{msg}");
+        let err = b.replace_image(disk::open_image(&ovl, true).unwrap()).err().expect("access");
+        assert!(err.to_string().contains("read-only"), "{err}");
+        assert_eq!(b.image_path(), base);
+        let old = b.replace_image(disk::open_image(&ovl, false).unwrap()).unwrap();
+        assert_eq!((old.path(), b.image_path()), (base.as_path(), ovl.clone()));
+
+        // A fork that cannot create its overlay leaves the device as it was.
+        let mut b = Block::open(&base, true).unwrap();
+        assert_eq!(b.fork(&dir.path().join("unused.ovl")).unwrap().path, base, "read-only: nothing to freeze");
+        assert!(!dir.path().join("unused.ovl").exists());
+        let mut b = Block::open(&small, false).unwrap();
+        assert!(b.fork(&ovl).is_err(), "the overlay name is taken");
+        assert_eq!(b.image_path(), small);
+    }
+
+    #[test]
+    fn state_round_trips_and_names_a_changed_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_base, ovl) = base_and_overlay(&dir, 64);
+        let mut b = Block::open(&ovl, false).unwrap();
+        b.sync().unwrap();
+        let state = b.state().unwrap();
+        assert_eq!((state.capacity_sectors, state.read_only, state.id.as_str()), (64, false, "vm.ovl"));
+        assert_eq!((state.format, state.image.path.as_path()), (ImageFormat::Overlay, ovl.as_path()));
+        let json = serde_json::to_string(&state).unwrap();
+        let back: BlockState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+        assert!(state.check_image().is_ok());
+        drop(b);
+        assert!(state.check_image().is_ok(), "closing a synced disk writes nothing");
+
+        let b = Block::from_state(&state, disk::open_image(&ovl, false).unwrap()).unwrap();
+        assert_eq!(b.state().unwrap(), state);
+        drop(b);
+        let err = Block::from_state(&state, disk::open_image(&ovl, true).unwrap()).err().expect("access");
+        assert!(err.to_string().contains("read-write"), "{err}");
+        let mut short = state.clone();
+        short.capacity_sectors = 63;
+        assert!(Block::from_state(&short, disk::open_image(&ovl, false).unwrap()).is_err());
+
+        let mut w = Overlay::open(&ovl, false).unwrap();
+        w.write_at(&[1u8; 512], 0).unwrap();
+        drop(w);
+        let msg = state.check_image().unwrap_err().to_string();
+        assert!(msg.contains("vm.ovl") && msg.contains("changed"), "{msg}");
     }
 
     #[test]
