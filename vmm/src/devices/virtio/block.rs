@@ -87,6 +87,8 @@ impl BlockState {
     }
 }
 
+/// A virtio-blk device. Requests run synchronously on the vCPU thread that
+/// notifies; the image decides where the bytes live.
 pub struct Block {
     image: Box<dyn DiskImage>,
     capacity: u64,

@@ -76,7 +76,9 @@ pub trait DiskImage: Send {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
+    /// The file's bytes are the disk's bytes.
     Raw,
+    /// A dvisor copy-on-write overlay (`overlay.rs`).
     Overlay,
 }
 
@@ -157,6 +159,7 @@ pub struct DiskIdentity {
     pub path: PathBuf,
     /// The file's size in bytes (for an overlay, its file, not its virtual size).
     pub size: u64,
+    /// Device and inode: which file, whatever its name.
     pub dev: u64,
     pub ino: u64,
     /// Last modification, in nanoseconds since the Unix epoch.

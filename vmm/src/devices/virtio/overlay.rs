@@ -108,7 +108,9 @@ pub const VERSION: u32 = 1;
 /// The cluster size `create` uses: the copy-on-write unit. 64 KiB keeps the
 /// bitmap small (2 KiB per GiB) while a first small write copies little.
 pub const DEFAULT_CLUSTER_SIZE: u32 = 64 << 10;
+/// The smallest cluster: a page, below which the bitmap grows for nothing.
 pub const MIN_CLUSTER_SIZE: u32 = 4 << 10;
+/// The largest cluster: bounds the copy a first small write costs.
 pub const MAX_CLUSTER_SIZE: u32 = 2 << 20;
 /// Each header slot is this long; the second starts here.
 pub const HEADER_SLOT_LEN: u64 = 4096;
@@ -599,10 +601,12 @@ impl Overlay {
         self.base.as_ref()
     }
 
+    /// The base's path as the header names it (absolute when dvisor wrote it).
     pub fn base_path(&self) -> PathBuf {
         self.layer.base_path()
     }
 
+    /// The copy-on-write unit, in bytes.
     pub fn cluster_size(&self) -> u32 {
         self.layer.header.cluster_size
     }
@@ -868,7 +872,9 @@ fn rename_noreplace(from: &Path, to: &Path) -> Result<(), DiskError> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitReport {
     pub overlay: PathBuf,
+    /// The file the clusters went into.
     pub base: PathBuf,
+    /// Clusters copied, and their bytes (the last cluster may be short).
     pub clusters: u64,
     pub bytes: u64,
     /// The commit finished one that had been interrupted.
@@ -953,16 +959,21 @@ pub fn commit(path: &Path) -> Result<CommitReport, DiskError> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OverlayInfo {
     pub path: PathBuf,
+    /// The disk's size as the guest sees it, in bytes.
     pub virtual_size: u64,
     pub cluster_size: u32,
+    /// Clusters the overlay holds, and their bytes.
     pub allocated_clusters: u64,
     pub allocated_bytes: u64,
     /// The overlay file's length (sparse: its blocks on disk may be fewer).
     pub file_size: u64,
+    /// How many headers have been written (1 for a new overlay).
     pub generation: u64,
     pub base: PathBuf,
     pub base_format: ImageFormat,
+    /// The base as the overlay recorded it (opening checked it still is).
     pub base_identity: DiskIdentity,
+    /// Set when the newer header slot was unusable: why, in words.
     pub recovered: Option<String>,
 }
 
