@@ -4,6 +4,7 @@ mod bench_api;
 mod bench_patch;
 mod bench_vm;
 mod bench_vmi;
+mod disk_cmd;
 mod images;
 mod monitor_cmd;
 mod ops;
@@ -32,6 +33,9 @@ enum Cmd {
     Image(images::ImageCmd),
     /// Run a command inside the QEMU-TCG carrier VM, which has a real /dev/kvm.
     Carrier(images::CarrierArgs),
+    /// Make, inspect and commit copy-on-write disk overlays.
+    #[command(subcommand)]
+    Disk(disk_cmd::DiskCmd),
     /// Check, replay and benchmark D-Script policies.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
@@ -85,6 +89,7 @@ fn main() {
         Cmd::Run(a) => run::run(a),
         Cmd::Image(c) => images::run_image(c),
         Cmd::Carrier(a) => images::run_carrier(a),
+        Cmd::Disk(c) => disk_cmd::run(c),
         Cmd::Policy(c) => policy::run(c),
         Cmd::Bench(c) => bench::run(c),
         Cmd::Monitor(a) => monitor_cmd::run(a),

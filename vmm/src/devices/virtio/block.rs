@@ -1,22 +1,30 @@
-//! virtio-blk (virtio 1.2 §5.2) over a raw image file.
+//! virtio-blk (virtio 1.2 §5.2) over a disk image: a raw file or a
+//! copy-on-write overlay chain (`disk.rs`, `overlay.rs`).
 //!
 //! A request is `header (16 bytes, readable) | data | status (1 byte,
 //! writable, last)`. Every sector range is checked against the capacity and
 //! data moves through a bounded bounce buffer, so a guest asking for 4 GiB
 //! costs it time, not the VMM memory.
-use std::fs::{File, OpenOptions};
+//!
+//! For snapshots and clones the device can describe itself
+//! ([`Block::state`], [`BlockState`]), be rebuilt from that description
+//! ([`Block::from_state`]), and switch a running VM onto a fresh overlay at
+//! a clone point ([`Block::fork`], [`Block::replace_image`]) so that the
+//! file it used until then stays frozen for the clones to share.
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 
 use super::chain::{self, Buffers};
+pub use super::disk::{DiskIdentity, DiskImage, ImageFormat, SECTOR_SIZE};
+use super::disk::{self, DiskError, RawImage};
+use super::overlay::Overlay;
 use super::stats::{IoKind, StatsHandle};
 use super::{VirtioDevice, VirtioError, TYPE_BLOCK};
 use crate::memory::GuestMemory;
 
-pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
 
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -34,7 +42,8 @@ pub const VIRTIO_BLK_S_IOERR: u8 = 1;
 pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 const HEADER_LEN: usize = 16;
-const ID_LEN: usize = 20;
+/// The serial a GET_ID request returns: 20 bytes, NUL-padded.
+pub const ID_LEN: usize = 20;
 const BOUNCE_LEN: usize = 128 << 10;
 
 /// Why one request failed; the guest sees IOERR or UNSUPP, we log at debug
@@ -55,8 +64,33 @@ enum RequestError {
     Disk(io::Error),
 }
 
+/// What a virtio-blk device is, beyond its queues (which the transport
+/// saves): enough to rebuild it over an image and to check that image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// The capacity the guest was told, in 512-byte sectors.
+    pub capacity_sectors: u64,
+    pub read_only: bool,
+    /// The serial GET_ID returns (the guest's /dev/disk/by-id name), kept
+    /// across a rebuild even when the image file has another name.
+    pub id: String,
+    pub format: ImageFormat,
+    /// The image file the device was using when the state was taken.
+    pub image: DiskIdentity,
+}
+
+impl BlockState {
+    /// Fails, saying what changed, unless the image file is still the one
+    /// recorded: a restored guest must find the disk it left.
+    pub fn check_image(&self) -> Result<(), DiskError> {
+        self.image.check()
+    }
+}
+
+/// A virtio-blk device. Requests run synchronously on the vCPU thread that
+/// notifies; the image decides where the bytes live.
 pub struct Block {
-    file: File,
+    image: Box<dyn DiskImage>,
     capacity: u64,
     read_only: bool,
     id: [u8; ID_LEN],
@@ -65,32 +99,40 @@ pub struct Block {
     bounce: Vec<u8>,
 }
 
+/// The GET_ID serial for a name: its first 20 bytes, NUL-padded.
+fn id_bytes(name: &[u8]) -> [u8; ID_LEN] {
+    let mut id = [0u8; ID_LEN];
+    let n = name.len().min(ID_LEN);
+    id[..n].copy_from_slice(&name[..n]);
+    id
+}
+
 impl Block {
-    /// Opens `path` (read-only files are opened without write access, so
-    /// not even a VMM bug can change them).
+    /// Opens the image at `path`: an overlay (and its chain of bases) if the
+    /// file starts with the overlay magic, else a raw file. Read-only
+    /// images are opened without write access, so not even a VMM bug can
+    /// change them. The serial is the file's name.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, VirtioError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| VirtioError::DiskOpen(path.to_owned(), e))?;
-        Self::from_file(file, path, read_only)
+        Self::new(disk::open_image(path, read_only)?)
     }
 
-    /// `path` names the image in errors and gives the disk its serial.
-    pub fn from_file(file: File, path: &Path, read_only: bool) -> Result<Self, VirtioError> {
-        let size = file
-            .metadata()
-            .map_err(|e| VirtioError::DiskOpen(path.to_owned(), e))?
-            .len();
-        if !size.is_multiple_of(SECTOR_SIZE) {
-            return Err(VirtioError::DiskSize { path: PathBuf::from(path), size });
-        }
-        let mut id = [0u8; ID_LEN];
-        let name = path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b"dvisor-disk");
-        let n = name.len().min(ID_LEN);
-        id[..n].copy_from_slice(&name[..n]);
+    /// A raw image from an open file; `path` names it in errors and gives
+    /// the disk its serial.
+    pub fn from_file(file: std::fs::File, path: &Path, read_only: bool) -> Result<Self, VirtioError> {
+        Self::new(Box::new(RawImage::from_file(file, path, read_only, disk::Lock::Shared)?))
+    }
 
+    /// A device over `image`, whose file name becomes the serial.
+    pub fn new(image: Box<dyn DiskImage>) -> Result<Self, VirtioError> {
+        let name = image.path().file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_else(|| b"dvisor-disk".to_vec());
+        Self::with_id(image, id_bytes(&name))
+    }
+
+    fn with_id(image: Box<dyn DiskImage>, id: [u8; ID_LEN]) -> Result<Self, VirtioError> {
+        let size = image.size();
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            return Err(DiskError::Size { path: image.path().to_owned(), size }.into());
+        }
         let mut config = Vec::with_capacity(24);
         config.extend((size / SECTOR_SIZE).to_le_bytes()); // capacity
         config.extend(0u32.to_le_bytes()); // size_max: not offered
@@ -98,14 +140,119 @@ impl Block {
         config.extend([0u8; 4]); // geometry: not offered
         config.extend((SECTOR_SIZE as u32).to_le_bytes()); // blk_size
         Ok(Block {
-            file,
+            read_only: image.read_only(),
+            image,
             capacity: size,
-            read_only,
             id,
             config,
             stats: StatsHandle::default(),
             bounce: vec![0; BOUNCE_LEN],
         })
+    }
+
+    /// Rebuilds a device from a saved state over `image`, which must have
+    /// the saved capacity and access; the serial is the saved one. Whether
+    /// `image` is the saved file is the caller's check
+    /// ([`BlockState::check_image`]): a clone is rebuilt over its own
+    /// overlay, not over the file the state names.
+    pub fn from_state(state: &BlockState, image: Box<dyn DiskImage>) -> Result<Self, VirtioError> {
+        let mismatch = |reason: String| VirtioError::ImageMismatch { path: image.path().to_owned(), reason };
+        if image.size() != state.capacity_sectors.saturating_mul(SECTOR_SIZE) {
+            return Err(mismatch(format!(
+                "the image is {} bytes but the saved device had {} sectors ({} bytes)",
+                image.size(),
+                state.capacity_sectors,
+                state.capacity_sectors.saturating_mul(SECTOR_SIZE)
+            )));
+        }
+        if image.read_only() != state.read_only {
+            return Err(mismatch(format!(
+                "the image is open {} but the saved device was {}",
+                access(image.read_only()),
+                access(state.read_only)
+            )));
+        }
+        Self::with_id(image, id_bytes(state.id.as_bytes()))
+    }
+
+    /// The device as it is now, for a snapshot. Call [`Block::sync`] first
+    /// (with the VM paused): until then an overlay may hold allocations in
+    /// memory whose later flush would change the file after its identity
+    /// was taken.
+    pub fn state(&self) -> Result<BlockState, VirtioError> {
+        let image = self.image.identity().map_err(DiskError::io("read the metadata of", self.image.path()))?;
+        let end = self.id.iter().position(|&b| b == 0).unwrap_or(ID_LEN);
+        Ok(BlockState {
+            capacity_sectors: self.capacity_sectors(),
+            read_only: self.read_only,
+            id: String::from_utf8_lossy(&self.id[..end]).into_owned(),
+            format: self.image.format(),
+            image,
+        })
+    }
+
+    /// Makes every completed guest write durable and puts the image file in
+    /// its final state for as long as the guest writes nothing more.
+    pub fn sync(&mut self) -> Result<(), VirtioError> {
+        self.image.flush().map_err(|e| DiskError::Io { op: "flush", path: self.image.path().to_owned(), source: e }.into())
+    }
+
+    /// Serves `image` from now on and hands back the one it replaces, after
+    /// flushing it. For a clone point, with the VM paused: the new image
+    /// must have the same size and access, since the guest already
+    /// negotiated both. On error nothing changes.
+    pub fn replace_image(&mut self, image: Box<dyn DiskImage>) -> Result<Box<dyn DiskImage>, VirtioError> {
+        let mismatch = |reason: String| VirtioError::ImageMismatch { path: image.path().to_owned(), reason };
+        if image.size() != self.capacity {
+            return Err(mismatch(format!("the image is {} bytes but the device has {} bytes", image.size(), self.capacity)));
+        }
+        if image.read_only() != self.read_only {
+            return Err(mismatch(format!(
+                "the image is open {} but the device is {}",
+                access(image.read_only()),
+                access(self.read_only)
+            )));
+        }
+        self.sync()?;
+        Ok(std::mem::replace(&mut self.image, image))
+    }
+
+    /// The clone point for this disk: syncs the image, freezes its file
+    /// under a new overlay at `overlay` and serves that overlay from now on.
+    /// Returns the frozen file's identity; clones get their own overlays
+    /// over it (`Overlay::create(&identity.path, ...)`), and the file must
+    /// not be written again. A read-only disk never changes, so it is left
+    /// as it is and its own identity returned. On error the device keeps
+    /// its image and no overlay is left behind.
+    pub fn fork(&mut self, overlay: &Path) -> Result<DiskIdentity, VirtioError> {
+        self.sync()?;
+        let frozen = self.image.path().to_owned();
+        if self.read_only {
+            return Ok(self.image.identity().map_err(DiskError::io("read the metadata of", &frozen))?);
+        }
+        Overlay::create(&frozen, overlay)?;
+        let switched = Overlay::open(overlay, false)
+            .map_err(VirtioError::from)
+            .and_then(|ov| self.replace_image(Box::new(ov)));
+        match switched {
+            // The old handle is synced, so dropping it writes nothing.
+            Ok(old) => drop(old),
+            Err(e) => {
+                let _ = std::fs::remove_file(overlay);
+                return Err(e);
+            }
+        }
+        Ok(DiskIdentity::of(&frozen)?)
+    }
+
+    /// The image served now.
+    pub fn image(&self) -> &dyn DiskImage {
+        self.image.as_ref()
+    }
+
+    /// The file the image was opened from (the top of an overlay chain).
+    pub fn image_path(&self) -> PathBuf {
+        self.image.path().to_owned()
     }
 
     pub fn capacity_sectors(&self) -> u64 {
@@ -160,7 +307,7 @@ impl Block {
             VIRTIO_BLK_T_IN => self.read(sector, writer),
             VIRTIO_BLK_T_OUT => self.write(sector, reader),
             VIRTIO_BLK_T_FLUSH => {
-                self.file.sync_data().map_err(RequestError::Disk)?;
+                self.image.flush().map_err(RequestError::Disk)?;
                 self.stats.record(IoKind::Flush, 0);
                 Ok(())
             }
@@ -190,7 +337,7 @@ impl Block {
         let mut left = len;
         while left > 0 {
             let chunk = &mut self.bounce[..left.min(BOUNCE_LEN)];
-            self.file.read_exact_at(chunk, offset).map_err(RequestError::Disk)?;
+            self.image.read_at(chunk, offset).map_err(RequestError::Disk)?;
             writer.write_all(chunk).map_err(RequestError::Guest)?;
             offset += chunk.len() as u64;
             left -= chunk.len();
@@ -209,12 +356,20 @@ impl Block {
         while left > 0 {
             let chunk = &mut self.bounce[..left.min(BOUNCE_LEN)];
             reader.read_exact(chunk).map_err(RequestError::Guest)?;
-            self.file.write_all_at(chunk, offset).map_err(RequestError::Disk)?;
+            self.image.write_at(chunk, offset).map_err(RequestError::Disk)?;
             offset += chunk.len() as u64;
             left -= chunk.len();
         }
         self.stats.record(IoKind::Write, len as u64);
         Ok(())
+    }
+}
+
+fn access(read_only: bool) -> &'static str {
+    if read_only {
+        "read-only"
+    } else {
+        "read-write"
     }
 }
 
@@ -261,6 +416,7 @@ mod tests {
     use std::io::Write as _;
 
     use super::*;
+    use crate::devices::virtio::disk;
     use crate::devices::virtio::testing::{Buf, Driver, RawDesc, F_NEXT, F_WRITE, INTERRUPT_STATUS};
     use crate::devices::virtio::VIRTIO_F_VERSION_1;
 
@@ -404,6 +560,158 @@ mod tests {
         assert!(msg.contains("1000 bytes") && msg.contains("512"), "{msg}");
         let missing = Block::open(Path::new("/nonexistent/disk.img"), true).err().expect("missing image");
         assert!(missing.to_string().contains("/nonexistent/disk.img"));
+    }
+
+    /// A raw base of `sectors` patterned sectors and an overlay over it.
+    fn base_and_overlay(dir: &tempfile::TempDir, sectors: usize) -> (PathBuf, PathBuf) {
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, pattern(sectors * 512, 5)).unwrap();
+        let ovl = dir.path().join("vm.ovl");
+        Overlay::create(&base, &ovl).unwrap();
+        (base, ovl)
+    }
+
+    fn get_id(d: &mut Driver<Block>) -> Vec<u8> {
+        let mut id = vec![0u8; 20];
+        assert_eq!(request(d, VIRTIO_BLK_T_GET_ID, 0, &mut id).0, VIRTIO_BLK_S_OK);
+        id
+    }
+
+    #[test]
+    fn an_overlay_disk_reads_the_base_and_writes_only_the_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, ovl) = base_and_overlay(&dir, 256);
+        let base_bytes = std::fs::read(&base).unwrap();
+        let mut d = Driver::new(Block::open(&ovl, false).unwrap());
+        d.probe(ALL, 1);
+        assert_eq!(d.config(0, 8), 256u64.to_le_bytes(), "the capacity is the base's");
+        assert_eq!(d.dev.device().image().format(), ImageFormat::Overlay);
+
+        let mut back = vec![0u8; 4 * 512];
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_IN, 10, &mut back).0, VIRTIO_BLK_S_OK);
+        assert_eq!(back, &base_bytes[10 * 512..14 * 512]);
+
+        let data = pattern(3 * 512, 99);
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_OUT, 130, &mut data.clone()).0, VIRTIO_BLK_S_OK);
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_FLUSH, 0, &mut Vec::new()).0, VIRTIO_BLK_S_OK);
+        let mut back = vec![0u8; 5 * 512];
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_IN, 129, &mut back).0, VIRTIO_BLK_S_OK);
+        assert_eq!(&back[..512], &base_bytes[129 * 512..130 * 512]);
+        assert_eq!(&back[512..4 * 512], &data[..]);
+        assert_eq!(&back[4 * 512..], &base_bytes[133 * 512..134 * 512]);
+        assert_eq!(std::fs::read(&base).unwrap(), base_bytes, "the base is never written");
+
+        // The flush made the allocation durable: a second reader sees it.
+        let again = Overlay::open(&ovl, true).unwrap();
+        assert_eq!(again.allocated_clusters(), 1);
+        let mut on_disk = vec![0u8; 3 * 512];
+        again.read_at(&mut on_disk, 130 * 512).unwrap();
+        assert_eq!(on_disk, data);
+    }
+
+    #[test]
+    fn fork_freezes_the_disk_for_clones_and_keeps_the_guest_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.raw");
+        std::fs::write(&img, vec![0u8; 256 * 512]).unwrap();
+        let mut d = Driver::new(Block::open(&img, false).unwrap());
+        d.probe(ALL, 1);
+        let id = get_id(&mut d);
+        let before = pattern(512, 1);
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_OUT, 7, &mut before.clone()).0, VIRTIO_BLK_S_OK);
+
+        // The clone point, for this disk.
+        let parent_ovl = dir.path().join("parent.ovl");
+        let frozen = d.dev.device_mut().fork(&parent_ovl).unwrap();
+        assert_eq!(frozen, DiskIdentity::of(&img).unwrap());
+        assert_eq!(d.dev.device().image_path(), parent_ovl);
+        let clone_ovl = dir.path().join("clone.ovl");
+        Overlay::create(&frozen.path, &clone_ovl).unwrap();
+        let frozen_bytes = std::fs::read(&img).unwrap();
+
+        // The parent goes on: it reads what it wrote and writes the overlay.
+        assert_eq!(get_id(&mut d), id, "the serial does not change");
+        let mut back = vec![0u8; 512];
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_IN, 7, &mut back).0, VIRTIO_BLK_S_OK);
+        assert_eq!(back, before);
+        let after = pattern(512, 2);
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_OUT, 7, &mut after.clone()).0, VIRTIO_BLK_S_OK);
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_FLUSH, 0, &mut Vec::new()).0, VIRTIO_BLK_S_OK);
+        assert_eq!(std::fs::read(&img).unwrap(), frozen_bytes, "the frozen file stays frozen");
+        assert!(frozen.check().is_ok());
+
+        // The clone sees the disk as it was at the clone point.
+        let clone = Block::from_state(&d.dev.device().state().unwrap(), disk::open_image(&clone_ovl, false).unwrap()).unwrap();
+        let mut c = Driver::new(clone);
+        c.probe(ALL, 1);
+        assert_eq!(get_id(&mut c), id);
+        let mut back = vec![0u8; 512];
+        assert_eq!(request(&mut c, VIRTIO_BLK_T_IN, 7, &mut back).0, VIRTIO_BLK_S_OK);
+        assert_eq!(back, before);
+
+        // Forking again chains: the parent's overlay is frozen in turn.
+        let second = dir.path().join("parent2.ovl");
+        let frozen2 = d.dev.device_mut().fork(&second).unwrap();
+        assert_eq!(frozen2.path, parent_ovl);
+        let info = crate::devices::virtio::overlay::info(&second).unwrap();
+        assert_eq!((info.base, info.base_format), (std::fs::canonicalize(&parent_ovl).unwrap(), ImageFormat::Overlay));
+    }
+
+    #[test]
+    fn replace_image_refuses_another_size_or_access_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, ovl) = base_and_overlay(&dir, 64);
+        let small = dir.path().join("small.raw");
+        std::fs::write(&small, vec![0u8; 32 * 512]).unwrap();
+        let mut b = Block::open(&base, false).unwrap();
+        let err = b.replace_image(disk::open_image(&small, false).unwrap()).err().expect("size");
+        let msg = err.to_string();
+        assert!(msg.contains("small.raw") && msg.contains("16384 bytes") && msg.contains("32768"), "{msg}");
+        let err = b.replace_image(disk::open_image(&ovl, true).unwrap()).err().expect("access");
+        assert!(err.to_string().contains("read-only"), "{err}");
+        assert_eq!(b.image_path(), base);
+        let old = b.replace_image(disk::open_image(&ovl, false).unwrap()).unwrap();
+        assert_eq!((old.path(), b.image_path()), (base.as_path(), ovl.clone()));
+
+        // A fork that cannot create its overlay leaves the device as it was.
+        let mut b = Block::open(&base, true).unwrap();
+        assert_eq!(b.fork(&dir.path().join("unused.ovl")).unwrap().path, base, "read-only: nothing to freeze");
+        assert!(!dir.path().join("unused.ovl").exists());
+        let mut b = Block::open(&small, false).unwrap();
+        assert!(b.fork(&ovl).is_err(), "the overlay name is taken");
+        assert_eq!(b.image_path(), small);
+    }
+
+    #[test]
+    fn state_round_trips_and_names_a_changed_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_base, ovl) = base_and_overlay(&dir, 64);
+        let mut b = Block::open(&ovl, false).unwrap();
+        b.sync().unwrap();
+        let state = b.state().unwrap();
+        assert_eq!((state.capacity_sectors, state.read_only, state.id.as_str()), (64, false, "vm.ovl"));
+        assert_eq!((state.format, state.image.path.as_path()), (ImageFormat::Overlay, ovl.as_path()));
+        let json = serde_json::to_string(&state).unwrap();
+        let back: BlockState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+        assert!(state.check_image().is_ok());
+        drop(b);
+        assert!(state.check_image().is_ok(), "closing a synced disk writes nothing");
+
+        let b = Block::from_state(&state, disk::open_image(&ovl, false).unwrap()).unwrap();
+        assert_eq!(b.state().unwrap(), state);
+        drop(b);
+        let err = Block::from_state(&state, disk::open_image(&ovl, true).unwrap()).err().expect("access");
+        assert!(err.to_string().contains("read-write"), "{err}");
+        let mut short = state.clone();
+        short.capacity_sectors = 63;
+        assert!(Block::from_state(&short, disk::open_image(&ovl, false).unwrap()).is_err());
+
+        let mut w = Overlay::open(&ovl, false).unwrap();
+        w.write_at(&[1u8; 512], 0).unwrap();
+        drop(w);
+        let msg = state.check_image().unwrap_err().to_string();
+        assert!(msg.contains("vm.ovl") && msg.contains("changed"), "{msg}");
     }
 
     #[test]

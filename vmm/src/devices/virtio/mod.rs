@@ -6,8 +6,10 @@
 //! request, never the VMM.
 pub mod block;
 pub mod chain;
+pub mod disk;
 pub mod mmio;
 pub mod net;
+pub mod overlay;
 pub mod stats;
 #[cfg(test)]
 mod testing;
@@ -63,4 +65,11 @@ pub enum VirtioError {
     TapName(String),
     #[error("virtio queue: {0}")]
     Queue(String),
+    /// Opening, checking or flushing a disk image (raw or overlay).
+    #[error(transparent)]
+    Disk(#[from] disk::DiskError),
+    /// An image that cannot stand in for a device's current one, or a
+    /// saved device state that does not fit the image it is rebuilt on.
+    #[error("disk {path}: {reason}")]
+    ImageMismatch { path: PathBuf, reason: String },
 }
