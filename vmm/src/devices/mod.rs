@@ -6,5 +6,6 @@ pub mod irq;
 pub mod keymap;
 pub mod serial;
 pub mod virtio;
+pub mod vmgenid;
 
 pub use bus::{MmioBus, MmioDevice, PioBus, PioDevice};
