@@ -24,6 +24,7 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::{EventFdIrq, VirtioDevice};
+use crate::devices::vmgenid::VmGenId;
 use crate::devices::{MmioBus, PioBus};
 use crate::error::VmmError;
 use crate::lifecycle::{self, EventReceiver, EventSender, VmEvent};
@@ -200,6 +201,17 @@ fn attach_virtio(vm: &VmFd, ram: &GuestRam, config: &VmConfig, taps: &[Tap]) -> 
     Ok(devs)
 }
 
+/// The VM generation ID, a new random one each boot, and the irqfd on the
+/// GED's pin that announces a regenerated one.
+fn attach_vmgenid(vm: &VmFd, ram: &GuestRam) -> Result<Arc<Mutex<VmGenId>>, VmmError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&irq, layout::GED_GSI).map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
+    let dev = VmGenId::new(&ram.memory, Box::new(EventFdIrq(irq)))
+        .map_err(|e| VmmError::Boot(format!("VM generation ID: {e}")))?;
+    tracing::debug!(id = %dev.hex_id(), "VM generation ID");
+    Ok(Arc::new(Mutex::new(dev)))
+}
+
 fn transport<D: VirtioDevice>(dev: D, ram: &GuestRam, irq: Box<EventFdIrq>) -> Result<MmioTransport<D>, VmmError> {
     MmioTransport::new(dev, ram.memory.clone(), irq).map_err(|e| VmmError::Disk(e.to_string()))
 }
@@ -282,6 +294,7 @@ impl Boot {
         let virtio = attach_virtio(&vm, &ram, config, ctx.taps)?;
         let mmio = virtio.bus.clone();
         let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &virtio.slots)?;
+        let vmgenid = attach_vmgenid(&vm, &ram)?;
         let entry = boot::load_linux(
             &ram.memory,
             &config.kernel,
@@ -325,6 +338,7 @@ impl Boot {
             mem_bytes: ram.size,
             keyboard: i8042,
             devices: virtio.handles,
+            vmgenid,
             kernel: std::path::absolute(&config.kernel).unwrap_or_else(|_| config.kernel.clone()),
         });
         let mut boot = Boot {

@@ -19,6 +19,7 @@ use super::events::EventHub;
 use super::protocol::*;
 use crate::devices::i8042::I8042;
 use crate::devices::keymap;
+use crate::devices::vmgenid::VmGenId;
 use crate::devices::virtio::stats::{monotonic_ns, StatsHandle};
 use crate::memory::GuestMemory;
 use crate::vcpu_control::VcpuControl;
@@ -48,6 +49,8 @@ pub struct BootHandles {
     pub mem_bytes: u64,
     pub keyboard: Arc<Mutex<I8042>>,
     pub devices: Vec<DeviceHandle>,
+    /// The VM generation ID (`regenerate_vm_id`).
+    pub vmgenid: Arc<Mutex<VmGenId>>,
     pub kernel: PathBuf,
 }
 
@@ -492,6 +495,11 @@ fn dispatch_vm(b: &BootHandles, hub: &EventHub, req: Request) -> Outcome {
                 ApiError::new(ErrorCode::OutOfRange, format!("{gpa:#x}+{len:#x} is not entirely guest RAM"))
             })?;
             Reply::Bytes { gpa, hex: hex(&data) }
+        }
+        Request::RegenerateVmId => {
+            let mut dev = b.vmgenid.lock().map_err(|_| failed("VM generation ID", "lock poisoned"))?;
+            dev.regenerate(&b.memory).map_err(|e| failed("regenerate_vm_id", e))?;
+            Reply::VmId { vm_id: dev.hex_id() }
         }
         Request::Hello { .. } | Request::Subscribe { .. } | Request::Unsubscribe => {
             return Err(ApiError::new(ErrorCode::BadRequest, "handled per connection"))
