@@ -72,6 +72,10 @@ fn gas_io_byte(port: u16) -> [u8; 12] {
     g
 }
 
+/// The VM generation ID device's path in the namespace, which the GED's
+/// _EVT notifies.
+const VMGENID_PATH: &str = "\\_SB_.VGEN";
+
 /// A virtio-mmio device as the DSDT announces it.
 #[derive(Debug, Clone, Copy)]
 pub struct VirtioSlot {
@@ -101,6 +105,11 @@ fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
     for (i, v) in virtio.iter().enumerate() {
         devices.push(aml::virtio_mmio_device(i as u8, v.base as u32, v.gsi));
     }
+    // The VM generation ID and the event device that announces its changes
+    // (devices/vmgenid.rs). The GED's pin is an IOAPIC input the MADT
+    // already covers (one IOAPIC, GSI base 0, 24 pins).
+    devices.push(aml::vmgenid_device(layout::VMGENID_ADDR));
+    devices.push(aml::ged_device(layout::GED_GSI, VMGENID_PATH));
     t.put(&aml::scope("\\_SB_", &devices));
     // The sleep type the kernel writes into the sleep control register to
     // power off.
@@ -223,5 +232,22 @@ mod tests {
         assert!(d.windows(ps2k.len()).any(|w| w == ps2k));
         let f = fadt(0);
         assert_ne!(u16::from_le_bytes([f[109], f[110]]) & (1 << 1), 0);
+    }
+
+    #[test]
+    fn vmgenid_and_its_event_device_are_announced() {
+        let d = dsdt(&[VirtioSlot { base: 0xd000_0000, gsi: 16 }]);
+        let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
+        assert!(has(&aml::vmgenid_device(layout::VMGENID_ADDR)));
+        assert!(has(&aml::ged_device(layout::GED_GSI, VMGENID_PATH)));
+        assert!(has(b"ACPI0013") && has(b"VMGENCTR"));
+        // The GED's GSI is an input of the one IOAPIC (GSI base 0, 24 pins)
+        // and is not a virtio device's.
+        let m = madt(1);
+        let ioapic = &m[m.len() - 12..];
+        assert_eq!(ioapic[0], 1);
+        assert_eq!(u32::from_le_bytes([ioapic[8], ioapic[9], ioapic[10], ioapic[11]]), 0);
+        let virtio_gsis = layout::VIRTIO_GSI_BASE..layout::VIRTIO_GSI_BASE + layout::MAX_VIRTIO_DEVICES as u32;
+        assert!(!virtio_gsis.contains(&layout::GED_GSI));
     }
 }

@@ -183,6 +183,91 @@ pub fn extended_irq(gsi: u32) -> Vec<u8> {
     o
 }
 
+/// Method (path, args, Serialized or NotSerialized) { terms }, sync
+/// level 0.
+pub fn method(path: &str, args: u8, serialized: bool, terms: &[Vec<u8>]) -> Vec<u8> {
+    let mut body = name_string(path);
+    body.push((args & 0x7) | (u8::from(serialized) << 3));
+    terms.iter().for_each(|t| body.extend(t));
+    with_pkg(&[0x14], body)
+}
+
+/// Return (value)
+pub fn return_value(value: Vec<u8>) -> Vec<u8> {
+    let mut o = vec![0xa4];
+    o.extend(value);
+    o
+}
+
+/// If (predicate) { terms }
+pub fn if_then(predicate: Vec<u8>, terms: &[Vec<u8>]) -> Vec<u8> {
+    let mut body = predicate;
+    terms.iter().for_each(|t| body.extend(t));
+    with_pkg(&[0xa0], body)
+}
+
+/// LEqual (a, b)
+pub fn equal(a: Vec<u8>, b: Vec<u8>) -> Vec<u8> {
+    let mut o = vec![0x93];
+    o.extend(a);
+    o.extend(b);
+    o
+}
+
+/// ArgN, the method's argument `n` (0 to 6).
+pub fn arg(n: u8) -> Vec<u8> {
+    vec![0x68 + n.min(6)]
+}
+
+/// Notify (path, value)
+pub fn notify(path: &str, value: u64) -> Vec<u8> {
+    let mut o = vec![0x86];
+    o.extend(name_string(path));
+    o.extend(integer(value));
+    o
+}
+
+/// The VM generation ID device (`devices/vmgenid.rs`). Linux's vmgenid
+/// driver (drivers/virt/vmgenid.c) binds to _HID or _CID "VMGENCTR" or
+/// "VM_GEN_COUNTER" and evaluates `ADDR`, a package of two integers: the
+/// low and high 32 bits of the ID's guest-physical address. The _CID and
+/// _DDN are the names Microsoft's VM generation ID specification gives
+/// (ACPICA upper-cases a string _CID, so Linux matches it too).
+pub fn vmgenid_device(addr: u64) -> Vec<u8> {
+    device(
+        "VGEN",
+        &[
+            name("_HID", string("VMGENCTR")),
+            name("_CID", string("VM_Gen_Counter")),
+            name("_DDN", string("VM_Gen_Counter")),
+            method(
+                "ADDR",
+                0,
+                false,
+                &[return_value(package(&[integer(addr & 0xffff_ffff), integer(addr >> 32)]))],
+            ),
+        ],
+    )
+}
+
+/// The ACPI Generic Event Device (ACPI 6.4 §5.6.9, Linux
+/// drivers/acpi/evged.c): with a hardware-reduced FADT there is no GPE
+/// block, so this is how the VMM raises an ACPI event. Linux requests the
+/// _CRS interrupt and, when it fires, runs _EVT with the GSI as Arg0 (it
+/// looks for `_Exx` first and falls back to _EVT); our _EVT notifies
+/// `target` with 0x80, which reaches the driver bound to that device.
+pub fn ged_device(gsi: u32, target: &str) -> Vec<u8> {
+    device(
+        "GED_",
+        &[
+            name("_HID", string("ACPI0013")),
+            name("_UID", integer(0)),
+            name("_CRS", resource_template(&[extended_irq(gsi)])),
+            method("_EVT", 1, true, &[if_then(equal(arg(0), integer(u64::from(gsi))), &[notify(target, 0x80)])]),
+        ],
+    )
+}
+
 /// A virtio-mmio device as QEMU microvm describes one, which the Linux
 /// virtio_mmio driver binds to by its _HID. `index` names the device
 /// (VR00..VRFF) and is its _UID.
@@ -279,5 +364,56 @@ mod tests {
             0x79, 0x00,
         ];
         assert_eq!(ps2_keyboard(0x60, 0x64, 1), expected);
+    }
+
+    #[test]
+    fn vmgenid_and_ged_match_iasl() {
+        // The AML iasl (20200925, -f because it wants hex digits after the
+        // first four _HID characters; -on: no name-path shortening)
+        // compiles from:
+        // Scope (\_SB_) {
+        //   Device (VGEN) { Name (_HID, "VMGENCTR") Name (_CID, "VM_Gen_Counter")
+        //     Name (_DDN, "VM_Gen_Counter")
+        //     Method (ADDR, 0, NotSerialized) { Return (Package (0x02) { 0x000FE000, Zero }) } }
+        //   Device (GED_) { Name (_HID, "ACPI0013") Name (_UID, Zero)
+        //     Name (_CRS, ResourceTemplate () {
+        //       Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 5 } })
+        //     Method (_EVT, 1, Serialized) { If (LEqual (Arg0, 0x05)) { Notify (\_SB_.VGEN, 0x80) } } } }
+        let vgen: &[u8] = &[
+            0x5b, 0x82, 0x40, 0x05, b'V', b'G', b'E', b'N',
+            0x08, b'_', b'H', b'I', b'D', 0x0d, b'V', b'M', b'G', b'E', b'N', b'C', b'T', b'R', 0x00,
+            0x08, b'_', b'C', b'I', b'D', 0x0d,
+            b'V', b'M', b'_', b'G', b'e', b'n', b'_', b'C', b'o', b'u', b'n', b't', b'e', b'r', 0x00,
+            0x08, b'_', b'D', b'D', b'N', 0x0d,
+            b'V', b'M', b'_', b'G', b'e', b'n', b'_', b'C', b'o', b'u', b'n', b't', b'e', b'r', 0x00,
+            0x14, 0x10, b'A', b'D', b'D', b'R', 0x00,
+            0xa4, 0x12, 0x08, 0x02, 0x0c, 0x00, 0xe0, 0x0f, 0x00, 0x00,
+        ];
+        let ged: &[u8] = &[
+            0x5b, 0x82, 0x49, 0x04, b'G', b'E', b'D', b'_',
+            0x08, b'_', b'H', b'I', b'D', 0x0d, b'A', b'C', b'P', b'I', b'0', b'0', b'1', b'3', 0x00,
+            0x08, b'_', b'U', b'I', b'D', 0x00,
+            0x08, b'_', b'C', b'R', b'S', 0x11, 0x0e, 0x0a, 0x0b,
+            0x89, 0x06, 0x00, 0x03, 0x01, 0x05, 0x00, 0x00, 0x00,
+            0x79, 0x00,
+            0x14, 0x19, b'_', b'E', b'V', b'T', 0x09,
+            0xa0, 0x12, 0x93, 0x68, 0x0a, 0x05,
+            0x86, b'\\', 0x2e, b'_', b'S', b'B', b'_', b'V', b'G', b'E', b'N', 0x0a, 0x80,
+        ];
+        assert_eq!(vmgenid_device(0xfe000), vgen);
+        assert_eq!(ged_device(5, "\\_SB_.VGEN"), ged);
+        let whole = scope("\\_SB_", &[vmgenid_device(0xfe000), ged_device(5, "\\_SB_.VGEN")]);
+        assert_eq!(whole[..8], [0x10, 0x44, 0x0a, b'\\', b'_', b'S', b'B', b'_']);
+        assert_eq!(whole.len(), 165);
+    }
+
+    #[test]
+    fn vmgenid_address_above_4g_splits_into_two_dwords() {
+        let d = vmgenid_device(0x2_2345_6000);
+        let ret = [0xa4, 0x12, 0x09, 0x02, 0x0c, 0x00, 0x60, 0x45, 0x23, 0x0a, 0x02];
+        assert!(d.windows(ret.len()).any(|w| w == ret), "{d:02x?}");
+        assert_eq!(method("ADDR", 0, false, &[])[..], [0x14, 0x06, b'A', b'D', b'D', b'R', 0x00]);
+        assert_eq!(method("_EVT", 1, true, &[])[6], 0x09);
+        assert_eq!(arg(0), [0x68]);
     }
 }

@@ -23,7 +23,12 @@ pub const CMDLINE_MAX: usize = 0x10000;
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables live in the BIOS area the kernel scans for the RSDP.
 pub const ACPI_START: u64 = 0xe0000;
-pub const ACPI_END: u64 = 0x100000;
+pub const ACPI_END: u64 = VMGENID_ADDR;
+/// The 16-byte VM generation ID (`devices/vmgenid.rs`): a page of its own
+/// above the ACPI tables and below the reset vector's page. The e820 map
+/// reserves everything from the EBDA to 1 MiB, so the guest never takes
+/// this page as RAM and its vmgenid driver maps it (`memremap`) instead.
+pub const VMGENID_ADDR: u64 = 0xfe000;
 /// Where the protected-mode kernel is loaded (bzImage code32_start).
 pub const HIMEM_START: u64 = 0x100000;
 /// The 32-bit MMIO hole: IOAPIC, LAPIC and (later) virtio-mmio devices.
@@ -35,6 +40,22 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
 /// Their interrupts: IOAPIC pins above the ISA range, as QEMU microvm does.
 pub const VIRTIO_GSI_BASE: u32 = 16;
 pub const MAX_VIRTIO_DEVICES: usize = 8;
+/// The ACPI Generic Event Device's interrupt (`acpi.rs`): an ISA pin no
+/// device uses (0 PIT, 1 keyboard, 4 COM1), since 16-23 go to virtio.
+/// Edge-triggered and active-high, the ISA default, so the MADT needs no
+/// interrupt source override for it.
+pub const GED_GSI: u32 = 5;
+
+// Checked at compile time: the ID's page is page-aligned, above the ACPI
+// tables, inside the range boot.rs reserves in e820 (EBDA_START to 1 MiB)
+// and below the page of the reset stub at 0xffff0; the GED's pin is one of
+// the IOAPIC's 24 and not a virtio device's.
+const _: () = {
+    assert!(VMGENID_ADDR & 0xfff == 0);
+    assert!(VMGENID_ADDR >= ACPI_END && ACPI_END > ACPI_START);
+    assert!(VMGENID_ADDR >= EBDA_START && VMGENID_ADDR + 0x1000 <= 0xff000);
+    assert!(GED_GSI < 24 && GED_GSI < VIRTIO_GSI_BASE);
+};
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 /// KVM needs three pages for the TSS and one for the identity map (Intel),

@@ -18,7 +18,7 @@ pub const MAX_READ_BYTES: u64 = 1 << 20;
 /// Features this server offers, announced in the `hello` reply.
 pub const FEATURES: &[&str] = &[
     "memfd", "pause", "pause_with_state", "regs", "sregs", "msrs", "debug", "irq", "nmi", "keys", "stats", "events",
-    "read_memory", "snapshot", "restore", "dirty_log",
+    "read_memory", "snapshot", "restore", "dirty_log", "regenerate_vm_id",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,6 +115,9 @@ pub enum DirtyLogAction {
     Start,
     Take,
     Stop,
+    /// Writes a new random VM generation ID and notifies the guest, whose
+    /// vmgenid driver then reseeds its RNG: what a restore or clone does.
+    RegenerateVmId,
 }
 
 fn default_hold_ms() -> u32 {
@@ -306,6 +309,9 @@ pub enum Reply {
     Restored { restored: bool, boot: u64 },
     /// Dirty pages as runs of (first page, count); page = gpa / 4096.
     DirtyPages { runs: Vec<(u64, u64)>, pages: u64 },
+    /// The new VM generation ID, 32 hex digits in guest memory order.
+    /// Before `Done`, which would match any object.
+    VmId { vm_id: String },
     Done {},
 }
 
@@ -463,6 +469,7 @@ mod tests {
             Request::SetDebug { vcpu: None, single_step: true, sw_breakpoints: false, hw_breakpoints: vec![] },
             Request::Keys { text: Some("hi\n".into()), events: None, hold_ms: 5, gap_ms: 5 },
             Request::Subscribe { kinds: vec![EventKind::Console, EventKind::Lifecycle] },
+            Request::RegenerateVmId,
         ];
         for (i, r) in reqs.into_iter().enumerate() {
             let env = Envelope { id: i as u64, request: r };
@@ -488,6 +495,7 @@ mod tests {
     fn server_messages_parse_back() {
         let msgs = [
             ServerMessage::Ok { id: Some(1), ok: Reply::Paused { already: false, stop_ns: 42 } },
+            ServerMessage::Ok { id: Some(2), ok: Reply::VmId { vm_id: "00112233445566778899aabbccddeeff".into() } },
             ServerMessage::Err { id: None, error: ApiError::new(ErrorCode::TooLarge, "x") },
             ServerMessage::Event { event: Event::Console { t_ns: 1, line: "heartbeat 1 v1".into() } },
         ];

@@ -48,6 +48,7 @@ pub struct BootHandles {
     pub mem_bytes: u64,
     pub keyboard: Arc<Mutex<I8042>>,
     pub devices: Vec<DeviceHandle>,
+    /// The VM generation ID (`regenerate_vm_id`).
     pub kernel: PathBuf,
     /// Every device, for snapshots.
     pub device_set: Arc<crate::devices::set::DeviceSet>,
@@ -512,6 +513,11 @@ fn dispatch_vm(b: &BootHandles, hub: &EventHub, req: Request) -> Outcome {
         Request::Snapshot { out, parent } => snapshot(b, hub, out, parent)?,
         Request::Restore { dir, paused } => restore_in_place(b, dir, paused)?,
         Request::DirtyLog { action } => dirty_log(b, action)?,
+        Request::RegenerateVmId => {
+            let mut dev = b.device_set.vmgenid.lock().map_err(|_| failed("VM generation ID", "lock poisoned"))?;
+            dev.regenerate(&b.memory).map_err(|e| failed("regenerate_vm_id", e))?;
+            Reply::VmId { vm_id: dev.hex_id() }
+        }
         Request::Hello { .. } | Request::Subscribe { .. } | Request::Unsubscribe => {
             return Err(ApiError::new(ErrorCode::BadRequest, "handled per connection"))
         }

@@ -7,5 +7,6 @@ pub mod keymap;
 pub mod serial;
 pub mod set;
 pub mod virtio;
+pub mod vmgenid;
 
 pub use bus::{MmioBus, MmioDevice, PioBus, PioDevice};
