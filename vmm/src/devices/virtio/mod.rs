@@ -63,4 +63,7 @@ pub enum VirtioError {
     TapName(String),
     #[error("virtio queue: {0}")]
     Queue(String),
+    /// Saved state (a snapshot) that does not fit the device.
+    #[error(transparent)]
+    State(#[from] crate::devices::DeviceStateError),
 }
