@@ -72,4 +72,7 @@ pub enum VirtioError {
     /// saved device state that does not fit the image it is rebuilt on.
     #[error("disk {path}: {reason}")]
     ImageMismatch { path: PathBuf, reason: String },
+    /// Saved state (a snapshot) that does not fit the device.
+    #[error(transparent)]
+    State(#[from] crate::devices::DeviceStateError),
 }
