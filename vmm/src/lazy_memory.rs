@@ -371,7 +371,7 @@ struct Plan {
 }
 
 fn is_aligned(v: u64) -> bool {
-    v % PAGE == 0
+    v.is_multiple_of(PAGE)
 }
 
 fn bit(bits: &[u64], page: u64) -> bool {
@@ -1623,10 +1623,11 @@ mod tests {
     /// A base full layer and two increments: the newest layer holding a
     /// page wins, including when it holds the page as zeros (a hole, or
     /// written zeros).
-    fn layered() -> (Vec<(u64, Option<u8>)>, Vec<u64>, Vec<(u64, Option<u8>)>, Vec<u64>, Vec<(u64, Option<u8>)>) {
-        let base: Vec<(u64, Option<u8>)> = (0..RAM_END / PAGE).filter(|p| p % 2 == 0).map(|p| (p, Some(1))).collect();
-        // Layer 1 holds pages 0..200 (even: new data; 10..20: held as a hole;
-        // 20..30: held as written zeros) and 4100..4200.
+    fn layered_layers() -> (Vec<Layer>, impl Fn(u64) -> Option<u8> + Sync) {
+        let base: Vec<(u64, Option<u8>)> =
+            (0..RAM_END / PAGE).filter(|p| p.is_multiple_of(2)).map(|p| (p, Some(1))).collect();
+        // Layer 1 holds pages 0..200 (new data, except 10..20: held as a
+        // hole, and 20..30: held as written zeros) and 4100..4200.
         let held1: Vec<u64> = (0..200).chain(4100..4200).collect();
         let data1: Vec<(u64, Option<u8>)> = held1
             .iter()
@@ -1636,11 +1637,6 @@ mod tests {
         // Layer 2 holds 150..160 and 4150..4160, and a page in the gap.
         let held2: Vec<u64> = (150..160).chain(4150..4160).chain([2000]).collect();
         let data2: Vec<(u64, Option<u8>)> = held2.iter().map(|&p| (p, Some(3))).collect();
-        (base, held1, data1, held2, data2)
-    }
-
-    fn layered_layers() -> (Vec<Layer>, impl Fn(u64) -> Option<u8> + Sync) {
-        let (base, held1, data1, held2, data2) = layered();
         let layers = vec![
             Layer { file: layer_file(RAM_END, &base), pages: None },
             // Increments are only as long as their last page.
@@ -1656,7 +1652,7 @@ mod tests {
                 } else {
                     Some(2)
                 }
-            } else if p % 2 == 0 {
+            } else if p.is_multiple_of(2) {
                 Some(1)
             } else {
                 None
