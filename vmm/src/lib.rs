@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod devices;
 pub mod error;
 pub mod layout;
+pub mod lazy_memory;
 pub mod lifecycle;
 pub mod memory;
 pub mod signals;
