@@ -543,7 +543,8 @@ impl Boot {
         input.set(Some(devices.set.serial.clone()));
         tracing::info!(
             dir = %last.dir.display(),
-            memory = ?load,
+            eager_bytes = load.eager_bytes,
+            lazy = load.lazy.is_some(),
             took_ms = started.elapsed().as_millis() as u64,
             "restoring"
         );
@@ -605,6 +606,7 @@ impl Boot {
             config: config.clone(),
             msr_indices: msr_indices.clone(),
             snapshot_lock: Mutex::new(()),
+            dirty_log_on: std::sync::atomic::AtomicBool::new(false),
             restore: restore_slot.clone(),
             events: ctx.events.clone(),
             lazy: Mutex::new(None),

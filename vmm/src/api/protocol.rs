@@ -107,6 +107,9 @@ pub enum Request {
     /// written since the last take (or start) and clears them, `stop`
     /// turns it off.
     DirtyLog { action: DirtyLogAction },
+    /// Writes a new random VM generation ID and notifies the guest, whose
+    /// vmgenid driver then reseeds its RNG: what a restore or clone does.
+    RegenerateVmId,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,9 +118,6 @@ pub enum DirtyLogAction {
     Start,
     Take,
     Stop,
-    /// Writes a new random VM generation ID and notifies the guest, whose
-    /// vmgenid driver then reseeds its RNG: what a restore or clone does.
-    RegenerateVmId,
 }
 
 fn default_hold_ms() -> u32 {

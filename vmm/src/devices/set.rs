@@ -60,7 +60,18 @@ impl LockedDevices<'_> {
             serial: self.serial.state(),
             i8042: self.i8042.state(),
             acpi_pm: self.acpi_pm.state(),
-            blocks: self.blocks.iter().map(|b| (b.state(), b.device().state())).collect(),
+            blocks: self
+                .blocks
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let s = b.device().state().map_err(|e| SnapshotError::Device {
+                        device: format!("vd{}", (b'a' + i as u8) as char),
+                        reason: e.to_string(),
+                    })?;
+                    Ok((b.state(), s))
+                })
+                .collect::<Result<_, SnapshotError>>()?,
             nets: self.nets.iter().map(|n| (n.state(), n.device().state())).collect(),
             vmgenid: self.vmgenid.state(),
         })

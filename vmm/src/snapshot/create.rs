@@ -59,7 +59,7 @@ pub struct Progress {
     pub bytes_total: u64,
 }
 
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CreateReport {
     pub dir: PathBuf,
     pub id: String,

@@ -149,7 +149,7 @@ pub fn take_dirty(vm: &VmFd, mem: &GuestMemory, into: &mut PageSet) -> Result<()
             .get_dirty_log(slot as u32, region.len() as usize)
             .map_err(|e| SnapshotError::Kvm("KVM_GET_DIRTY_LOG", e))?;
         into.merge_at(first, &log);
-        let own = region.bitmap().get_and_reset();
+        let own = std::ops::Deref::deref(region).bitmap().get_and_reset();
         into.merge_at(first, &own);
     }
     Ok(())
@@ -158,7 +158,7 @@ pub fn take_dirty(vm: &VmFd, mem: &GuestMemory, into: &mut PageSet) -> Result<()
 /// Forgets what the VMM wrote so far (before a first full copy).
 pub fn reset_own_writes(mem: &GuestMemory) {
     for region in mem.iter() {
-        region.bitmap().reset();
+        std::ops::Deref::deref(region).bitmap().reset();
     }
 }
 

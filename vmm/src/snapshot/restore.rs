@@ -70,7 +70,6 @@ pub fn check_host_cpu(state: &super::SnapshotState) -> Result<(), SnapshotError>
 }
 
 /// How guest memory was filled.
-#[derive(Debug)]
 pub struct MemoryLoad {
     pub eager_bytes: u64,
     pub lazy: Option<crate::lazy_memory::LazyLoader>,

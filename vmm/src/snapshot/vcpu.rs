@@ -37,7 +37,8 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
-    pub xsave: kvm_xsave,
+    /// The 4 KiB legacy XSAVE area (`kvm_xsave.region`).
+    pub xsave: Vec<u32>,
     pub xcrs: kvm_xcrs,
     pub debug_regs: kvm_debugregs,
     pub lapic: kvm_lapic_state,
@@ -103,7 +104,7 @@ impl VcpuState {
             mp_state: fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
             regs: fd.get_regs().map_err(kvm("KVM_GET_REGS"))?,
             sregs: fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
-            xsave: fd.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?,
+            xsave: fd.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?.region.to_vec(),
             xcrs: fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?,
             debug_regs: fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
             lapic: fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
@@ -144,7 +145,14 @@ impl VcpuState {
         fd.set_mp_state(self.mp_state).map_err(kvm("KVM_SET_MP_STATE"))?;
         fd.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
         fd.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
-        fd.set_xsave(&self.xsave).map_err(kvm("KVM_SET_XSAVE"))?;
+        let mut xsave = kvm_xsave::default();
+        if self.xsave.len() != xsave.region.len() {
+            return Err(SnapshotError::Invalid(format!("vCPU {}: XSAVE area of {} words", self.id, self.xsave.len())));
+        }
+        xsave.region.copy_from_slice(&self.xsave);
+        // SAFETY: a plain kvm_xsave of KVM_GET_XSAVE's 4 KiB size; we never
+        // enabled KVM_CAP_XSAVE2, so KVM reads exactly that much.
+        unsafe { fd.set_xsave(&xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
         fd.set_xcrs(&self.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
         fd.set_debug_regs(&self.debug_regs).map_err(kvm("KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&self.lapic).map_err(kvm("KVM_SET_LAPIC"))?;

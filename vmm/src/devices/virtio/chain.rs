@@ -8,6 +8,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use crate::memory::GuestMemory;
 
 pub type Chain<'a> = DescriptorChain<&'a GuestMemory>;
+/// The dirty-bitmap slice guest-memory accesses carry (memory.rs).
+pub type BitmapSlice<'a> = vm_memory::bitmap::RefSlice<'a, vm_memory::bitmap::AtomicBitmap>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
@@ -25,8 +27,8 @@ pub enum ChainError {
 /// what it writes.
 pub struct Buffers<'a> {
     pub head: u16,
-    pub reader: Reader<'a>,
-    pub writer: Writer<'a>,
+    pub reader: Reader<'a, BitmapSlice<'a>>,
+    pub writer: Writer<'a, BitmapSlice<'a>>,
     /// Whether the chain ends in a device-writable descriptor (where blk
     /// puts its status byte).
     pub ends_writable: bool,

@@ -166,6 +166,12 @@ pub struct DiskIdentity {
     pub mtime_ns: i64,
 }
 
+impl std::fmt::Display for DiskIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes, device:inode {}:{}, mtime {} ns", self.size, self.dev, self.ino, self.mtime_ns)
+    }
+}
+
 impl DiskIdentity {
     /// The identity of the file at `path` now (symbolic links followed).
     pub fn of(path: &Path) -> Result<Self, DiskError> {
@@ -186,6 +192,12 @@ impl DiskIdentity {
             ino: meta.ino(),
             mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
         }
+    }
+
+    /// `changes` as one sentence, or `None` when the file is the same.
+    pub fn differs(&self, now: &DiskIdentity) -> Option<String> {
+        let c = self.changes(now);
+        (!c.is_empty()).then(|| c.join("; "))
     }
 
     /// What differs between this (recorded) identity and `now`, in words,
