@@ -1489,27 +1489,29 @@ mod tests {
         r.read();
         let good = r.dev.state();
         assert!(rebuild(&good).is_ok());
-        let cases: Vec<(&str, Box<dyn Fn(&mut I8042State)>)> = vec![
-            ("9-byte key event", Box::new(|s| s.keyboard.keys.push(vec![0x1c; 9]))),
-            ("huge key event", Box::new(|s| s.keyboard.keys.push(vec![0x1c; 1 << 20]))),
-            ("empty key event", Box::new(|s| s.keyboard.keys.push(Vec::new()))),
-            ("front wholly sent", Box::new(|s| s.keyboard.front_sent = 8)),
-            ("front past its end", Box::new(|s| s.keyboard.front_sent = 200)),
-            ("sent of nothing", Box::new(|s| {
+        /// Turns a good state into a bad one.
+        type Spoil = fn(&mut I8042State);
+        let cases: &[(&str, Spoil)] = &[
+            ("9-byte key event", |s| s.keyboard.keys.push(vec![0x1c; 9])),
+            ("huge key event", |s| s.keyboard.keys.push(vec![0x1c; 1 << 20])),
+            ("empty key event", |s| s.keyboard.keys.push(Vec::new())),
+            ("front wholly sent", |s| s.keyboard.front_sent = 8),
+            ("front past its end", |s| s.keyboard.front_sent = 200),
+            ("sent of nothing", |s| {
                 s.keyboard.keys.clear();
                 s.keyboard.front_sent = 1;
-            })),
-            ("key queue over-full", Box::new(|s| s.keyboard.keys.extend(std::iter::repeat_n(vec![0xe0, 0x75], 600)))),
-            ("too many answers", Box::new(|s| s.keyboard.answers = vec![KBD_ACK; ANSWER_QUEUE_BYTES + 1])),
-            ("too many controller answers", Box::new(|s| s.answers = vec![OutByte::kbd(0); ANSWER_QUEUE_BYTES + 1])),
-            ("scancode set 3", Box::new(|s| s.keyboard.set = 3)),
-            ("LED bits", Box::new(|s| s.keyboard.leds = 0x08)),
-            ("typematic bit 7", Box::new(|s| s.keyboard.typematic = 0x80)),
-            ("parameter of no command", Box::new(|s| s.keyboard.awaiting = Some(KBD_ECHO))),
-            ("keys while not scanning", Box::new(|s| s.keyboard.scanning = false)),
-            ("AUX port enabled", Box::new(|s| s.ctr &= !CTR_AUXDIS)),
+            }),
+            ("key queue over-full", |s| s.keyboard.keys.extend(std::iter::repeat_n(vec![0xe0, 0x75], 600))),
+            ("too many answers", |s| s.keyboard.answers = vec![KBD_ACK; ANSWER_QUEUE_BYTES + 1]),
+            ("too many controller answers", |s| s.answers = vec![OutByte::kbd(0); ANSWER_QUEUE_BYTES + 1]),
+            ("scancode set 3", |s| s.keyboard.set = 3),
+            ("LED bits", |s| s.keyboard.leds = 0x08),
+            ("typematic bit 7", |s| s.keyboard.typematic = 0x80),
+            ("parameter of no command", |s| s.keyboard.awaiting = Some(KBD_ECHO)),
+            ("keys while not scanning", |s| s.keyboard.scanning = false),
+            ("AUX port enabled", |s| s.ctr &= !CTR_AUXDIS),
         ];
-        for (what, spoil) in cases {
+        for &(what, spoil) in cases {
             let mut bad = good.clone();
             spoil(&mut bad);
             match rebuild(&bad) {

@@ -862,27 +862,29 @@ mod tests {
         let mut d = null();
         d.probe(u64::MAX, 2);
         let good = d.dev.state();
-        let cases: Vec<(&str, Box<dyn Fn(&mut MmioTransportState)>)> = vec![
-            ("other device type", Box::new(|s| s.device_type = 2)),
-            ("a queue short", Box::new(|s| {
+        /// Turns a good state into a bad one.
+        type Spoil = fn(&mut MmioTransportState);
+        let cases: &[(&str, Spoil)] = &[
+            ("other device type", |s| s.device_type = 2),
+            ("a queue short", |s| {
                 s.queues.pop();
-            })),
-            ("a queue more", Box::new(|s| s.queues.push(s.queues[0]))),
-            ("other max size", Box::new(|s| s.queues[1].max_size = 16)),
-            ("size over max", Box::new(|s| s.queues[1].size = 16)),
-            ("size not a power of 2", Box::new(|s| s.queues[0].size = 12)),
-            ("size 0", Box::new(|s| s.queues[0].size = 0)),
-            ("misaligned descriptors", Box::new(|s| s.queues[0].desc_table += 8)),
-            ("misaligned used ring", Box::new(|s| s.queues[0].used_ring += 2)),
-            ("EVENT_IDX", Box::new(|s| s.queues[0].event_idx_enabled = true)),
-            ("unknown status bit", Box::new(|s| s.status |= 0x10)),
-            ("DRIVER_OK without FEATURES_OK", Box::new(|s| s.status &= !status::FEATURES_OK)),
-            ("features not offered", Box::new(|s| s.driver_features |= 1 << 40)),
-            ("no VERSION_1", Box::new(|s| s.driver_features &= !VIRTIO_F_VERSION_1)),
-            ("features without a driver", Box::new(|s| s.status = status::ACKNOWLEDGE)),
-            ("unknown interrupt", Box::new(|s| s.interrupt_status = 4)),
+            }),
+            ("a queue more", |s| s.queues.push(s.queues[0])),
+            ("other max size", |s| s.queues[1].max_size = 16),
+            ("size over max", |s| s.queues[1].size = 16),
+            ("size not a power of 2", |s| s.queues[0].size = 12),
+            ("size 0", |s| s.queues[0].size = 0),
+            ("misaligned descriptors", |s| s.queues[0].desc_table += 8),
+            ("misaligned used ring", |s| s.queues[0].used_ring += 2),
+            ("EVENT_IDX", |s| s.queues[0].event_idx_enabled = true),
+            ("unknown status bit", |s| s.status |= 0x10),
+            ("DRIVER_OK without FEATURES_OK", |s| s.status &= !status::FEATURES_OK),
+            ("features not offered", |s| s.driver_features |= 1 << 40),
+            ("no VERSION_1", |s| s.driver_features &= !VIRTIO_F_VERSION_1),
+            ("features without a driver", |s| s.status = status::ACKNOWLEDGE),
+            ("unknown interrupt", |s| s.interrupt_status = 4),
         ];
-        for (what, spoil) in cases {
+        for &(what, spoil) in cases {
             let mut bad = good.clone();
             spoil(&mut bad);
             let irq = Box::new(CountingIrq::default());
