@@ -288,47 +288,6 @@ pub struct Layer {
     pub pages: Option<PageSet>,
 }
 
-/// Reads the chain into guest memory now, oldest layer first so newer
-/// pages overwrite older ones. Only the data extents of each file are
-/// read; pages an incremental layer holds as holes are zeroed.
-pub fn load_eager(mem: &GuestMemory, layers: &[Layer]) -> Result<u64, SnapshotError> {
-    let end = mem.iter().map(|r| r.start_addr().0 + r.len()).max().unwrap_or(0);
-    let mut bytes = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
-    for layer in layers {
-        let len = layer.file.metadata().map_err(|e| SnapshotError::Io("reading the memory file".into(), e))?.len();
-        if let Some(pages) = &layer.pages {
-            // Zero first the pages this layer holds, then copy its data.
-            let zero = [0u8; PAGE_SIZE as usize];
-            for p in pages.iter() {
-                let _ = mem.write_slice(&zero, GuestAddress(p * PAGE_SIZE));
-            }
-        }
-        for (off, n) in data_extents(&layer.file, len.min(end))? {
-            let mut at = off;
-            while at < off + n {
-                let chunk = ((off + n - at) as usize).min(buf.len());
-                layer
-                    .file
-                    .read_exact_at(&mut buf[..chunk], at)
-                    .map_err(|e| SnapshotError::Io("reading the memory file".into(), e))?;
-                for (i, page) in buf[..chunk].chunks(PAGE_SIZE as usize).enumerate() {
-                    let gpa = at + i as u64 * PAGE_SIZE;
-                    if layer.pages.as_ref().is_some_and(|p| !p.contains(gpa / PAGE_SIZE)) {
-                        continue;
-                    }
-                    // Pages outside RAM (a corrupt file) are ignored.
-                    if mem.write_slice(page, GuestAddress(gpa)).is_ok() {
-                        bytes += page.len() as u64;
-                    }
-                }
-                at += chunk as u64;
-            }
-        }
-    }
-    Ok(bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

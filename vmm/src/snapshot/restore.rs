@@ -7,7 +7,8 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 
 use super::format::{self, Loaded};
-use super::memory::{self, Layer};
+use super::memory::Layer;
+use crate::lazy_memory;
 use super::{vcpu, SnapshotError};
 use crate::config::VmConfig;
 use crate::devices::virtio::block::DiskIdentity;
@@ -91,8 +92,27 @@ pub fn layers(chain: &[Loaded]) -> Result<Vec<Layer>, SnapshotError> {
 /// Fills guest RAM from the chain: lazily (userfaultfd, pages arrive as
 /// the guest touches them while a background thread fetches the rest)
 /// where the host allows it, else by reading the data now.
+///
+/// `DVISOR_RESTORE_EAGER=1` forces the eager path (the benchmark's
+/// baseline, and a way out should userfaultfd misbehave on some host).
 pub fn load_memory(ram: &GuestRam, chain: &[Loaded]) -> Result<MemoryLoad, SnapshotError> {
-    let layers = layers(chain)?;
-    let bytes = memory::load_eager(&ram.memory, &layers)?;
-    Ok(MemoryLoad { eager_bytes: bytes, lazy: None, why_eager: None })
+    let regions = lazy_memory::regions_of(&ram.memory);
+    let to_lazy = |ls: Vec<Layer>| -> Vec<lazy_memory::Layer> {
+        ls.into_iter().map(|l| lazy_memory::Layer { file: l.file, pages: l.pages.map(|p| p.words) }).collect()
+    };
+    let fail = |e: lazy_memory::LazyError| SnapshotError::Invalid(format!("loading the snapshot's memory: {e}"));
+    let why_eager = if std::env::var_os("DVISOR_RESTORE_EAGER").is_some_and(|v| v == "1") {
+        "DVISOR_RESTORE_EAGER=1".to_string()
+    } else {
+        match lazy_memory::LazyLoader::start(&regions, to_lazy(layers(chain)?)) {
+            Ok(l) => return Ok(MemoryLoad { eager_bytes: 0, lazy: Some(l), why_eager: None }),
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!("restoring guest memory eagerly: {e}");
+                e.to_string()
+            }
+            Err(e) => return Err(fail(e)),
+        }
+    };
+    let stats = lazy_memory::load_eager(&regions, &to_lazy(layers(chain)?)).map_err(fail)?;
+    Ok(MemoryLoad { eager_bytes: stats.bytes, lazy: None, why_eager: Some(why_eager) })
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 
-use super::chain::{self, Buffers};
+use super::chain::{self, BitmapSlice, Buffers};
 pub use super::disk::{DiskIdentity, DiskImage, ImageFormat, SECTOR_SIZE};
 use super::disk::{self, DiskError, RawImage};
 use super::overlay::Overlay;
@@ -299,7 +299,7 @@ impl Block {
         u32::try_from(b.writer.bytes_written() + 1).unwrap_or(u32::MAX)
     }
 
-    fn request(&mut self, header: &[u8; HEADER_LEN], reader: &mut Reader<'_>, writer: &mut Writer<'_>) -> Result<(), RequestError> {
+    fn request(&mut self, header: &[u8; HEADER_LEN], reader: &mut Reader<'_, BitmapSlice<'_>>, writer: &mut Writer<'_, BitmapSlice<'_>>) -> Result<(), RequestError> {
         let [t0, t1, t2, t3, _, _, _, _, s @ ..] = *header;
         let kind = u32::from_le_bytes([t0, t1, t2, t3]);
         let sector = u64::from_le_bytes(s);
@@ -331,7 +331,7 @@ impl Block {
             .ok_or(RequestError::Range { sector, len })
     }
 
-    fn read(&mut self, sector: u64, writer: &mut Writer<'_>) -> Result<(), RequestError> {
+    fn read(&mut self, sector: u64, writer: &mut Writer<'_, BitmapSlice<'_>>) -> Result<(), RequestError> {
         let len = writer.available_bytes();
         let mut offset = self.range(sector, len)?;
         let mut left = len;
@@ -346,7 +346,7 @@ impl Block {
         Ok(())
     }
 
-    fn write(&mut self, sector: u64, reader: &mut Reader<'_>) -> Result<(), RequestError> {
+    fn write(&mut self, sector: u64, reader: &mut Reader<'_, BitmapSlice<'_>>) -> Result<(), RequestError> {
         if self.read_only {
             return Err(RequestError::ReadOnly);
         }

@@ -12,7 +12,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader};
 
-use super::chain;
+use super::chain::{self, BitmapSlice};
 use super::stats::{IoKind, StatsHandle};
 use super::{MmioTransport, VirtioDevice, VirtioError, TYPE_NET};
 use crate::devices::DeviceStateError;
@@ -280,7 +280,7 @@ impl<B: NetBackend> Net<B> {
         used
     }
 
-    fn transmit(&mut self, reader: &mut Reader<'_>) {
+    fn transmit(&mut self, reader: &mut Reader<'_, BitmapSlice<'_>>) {
         let len = reader.available_bytes();
         if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
             self.stats.dropped();
