@@ -1244,8 +1244,8 @@ impl Shared {
             }
         }
         if !reported {
-            // The batch failed yet every page read: a file in flux. Record
-            // the batch's error, nothing was zero-filled.
+            // The batch failed yet every page read singly: a file in flux.
+            // Nothing was zero-filled, so this is only worth a log line.
             tracing::warn!("lazy memory: {batch_err}; the pages read singly");
         }
         Ok(())
