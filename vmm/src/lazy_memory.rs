@@ -13,13 +13,16 @@
 //!   (`UFFDIO_ZEROPAGE`);
 //! - the *prefetcher* reads every page that holds data, in pieces of up to
 //!   1 MiB, copies them in with one `UFFDIO_COPY` per [`BATCH_BYTES`],
-//!   then unregisters the mappings. Pages left absent
-//!   are zero pages: after the unregister shmem itself fills them with
-//!   zeros on first touch, so they cost neither a read nor memory.
+//!   then unregisters the mappings. Pages left absent are zero pages:
+//!   after the unregister shmem itself fills them with zeros on first
+//!   touch, so they cost neither a read nor memory.
 //!
 //! `UFFDIO_COPY` places the page in the memfd's page cache, not only in
 //! this process's page tables, which is why another mapping of the memfd
-//! sees the loaded contents.
+//! sees the loaded contents. That mapping is outside the userfaultfd, so
+//! the monitor must map the memfd only after [`LazyLoader::wait_loaded`]:
+//! before, it would read zeros where pages are not in yet (and a write of
+//! its own would keep the page from ever being loaded).
 //!
 //! Neither thread ever touches a registered mapping itself: a fault there
 //! would wait on the very thread that should serve it.
@@ -66,6 +69,13 @@
 //! test against numbers compiled from that header.
 //!
 //! # Limits
+//! [`LazyLoader::start`] builds the page table before it returns, which
+//! is linear in RAM and in the number of data extents (about 0.1 s for
+//! 4 GiB with a data page in every 16). A page faulted in before the
+//! prefetcher reaches it is read twice (the prefetcher's copy then finds
+//! it present). Dropping the loader before it finishes leaves the pages
+//! not yet in as zeros.
+//!
 //! 4 KiB pages only (no huge pages). The memory must be fresh: a page
 //! already present in the memfd would keep its old contents, since
 //! missing-page mode never sees it; both loaders check with `mincore` and
@@ -262,7 +272,11 @@ pub enum LazyError {
     #[error("{count} layers given, at most {MAX_LAYERS} supported")]
     TooManyLayers { count: usize },
     #[error("layer {layer}: its page bitmap has {bits} bits but guest RAM needs {needed} (one per page up to its end)")]
-    BitmapTooShort { layer: usize, bits: u64, needed: u64 },
+    BitmapTooShort {
+        layer: usize,
+        bits: u64,
+        needed: u64,
+    },
     #[error("layer {layer}: the file has {len} bytes but holds the page at gpa {gpa:#x}, which needs {needed}")]
     LayerTooShort {
         layer: usize,
@@ -271,7 +285,11 @@ pub enum LazyError {
         needed: u64,
     },
     #[error("layer {layer}: pread at gpa {gpa:#x} failed with {errno}")]
-    LayerRead { layer: usize, gpa: u64, errno: Errno },
+    LayerRead {
+        layer: usize,
+        gpa: u64,
+        errno: Errno,
+    },
     #[error("layer {layer}: the file ended inside the page at gpa {gpa:#x} (it shrank after the loader started?)")]
     LayerShortRead { layer: usize, gpa: u64 },
     /// Loading finished, but these pages could not be read from their
@@ -294,7 +312,10 @@ impl LazyError {
     /// True when userfaultfd itself is missing here, so that the caller
     /// should load eagerly instead.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, LazyError::Unavailable { .. } | LazyError::FeatureMissing { .. })
+        matches!(
+            self,
+            LazyError::Unavailable { .. } | LazyError::FeatureMissing { .. }
+        )
     }
 }
 
@@ -309,6 +330,10 @@ pub struct Layer {
 }
 
 /// One `MAP_SHARED` memfd mapping of guest RAM in this process.
+///
+/// The loaders write through `host_addr` (by syscalls), so a region must
+/// be a live mapping of guest RAM that stays mapped while loading; the
+/// loaders check that it is mapped and empty, not whose it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Region {
     pub host_addr: usize,
@@ -334,7 +359,8 @@ pub fn regions_of(memory: &GuestMemory) -> Vec<Region> {
 pub struct LoadStats {
     /// Missing-page faults served by the fault handler (lazy only).
     pub faults: u64,
-    /// Pages copied in by the prefetcher (lazy) or read (eager).
+    /// Pages copied in by the prefetcher (lazy; pages a fault brought in
+    /// first are not counted) or read (eager).
     pub pages_prefetched: u64,
     /// Pages whose content is zero: never read, left to shmem (or given a
     /// zero page when faulted).
@@ -397,7 +423,10 @@ fn check_regions(regions: &[Region]) -> Result<(), LazyError> {
             return Err(invalid(i, "empty"));
         }
         if !is_aligned(r.host_addr as u64) || !is_aligned(r.len as u64) || !is_aligned(r.gpa) {
-            return Err(invalid(i, "host address, length and gpa must be 4 KiB aligned"));
+            return Err(invalid(
+                i,
+                "host address, length and gpa must be 4 KiB aligned",
+            ));
         }
         if r.host_addr.checked_add(r.len).is_none() {
             return Err(invalid(i, "host range wraps around"));
@@ -439,12 +468,18 @@ fn data_extents(file: &File, len: u64) -> Result<Vec<(u64, u64)>, LazyError> {
             if errno.0 == libc::ENXIO {
                 break; // no data past `off`
             }
-            return Err(LazyError::Syscall { call: "lseek(SEEK_DATA)", errno });
+            return Err(LazyError::Syscall {
+                call: "lseek(SEEK_DATA)",
+                errno,
+            });
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
         if hole < 0 {
-            return Err(LazyError::Syscall { call: "lseek(SEEK_HOLE)", errno: Errno::last() });
+            return Err(LazyError::Syscall {
+                call: "lseek(SEEK_HOLE)",
+                errno: Errno::last(),
+            });
         }
         let (data, hole) = (data as u64, (hole as u64).min(len));
         if data >= len {
@@ -465,9 +500,15 @@ fn data_extents(file: &File, len: u64) -> Result<Vec<(u64, u64)>, LazyError> {
 fn plan(regions: &[Region], layers: &[Layer]) -> Result<Plan, LazyError> {
     check_regions(regions)?;
     if layers.len() > MAX_LAYERS {
-        return Err(LazyError::TooManyLayers { count: layers.len() });
+        return Err(LazyError::TooManyLayers {
+            count: layers.len(),
+        });
     }
-    let ram_end = regions.iter().map(|r| r.gpa + r.len as u64).max().unwrap_or(0);
+    let ram_end = regions
+        .iter()
+        .map(|r| r.gpa + r.len as u64)
+        .max()
+        .unwrap_or(0);
     let ram_end_page = ram_end / PAGE;
 
     // Per layer, a bitmap of the RAM pages that hold data in its file.
@@ -537,7 +578,12 @@ fn plan(regions: &[Region], layers: &[Layer]) -> Result<Plan, LazyError> {
     let mut source = Vec::with_capacity(total);
     let (mut data_pages, mut zero_pages) = (0u64, 0u64);
     for r in regions {
-        planned.push(PlannedRegion { host: r.host_addr, len: r.len, gpa: r.gpa, first: source.len() });
+        planned.push(PlannedRegion {
+            host: r.host_addr,
+            len: r.len,
+            gpa: r.gpa,
+            first: source.len(),
+        });
         let first = r.gpa / PAGE;
         for p in first..first + (r.len / PAGE_SIZE) as u64 {
             let newest = layers
@@ -557,7 +603,12 @@ fn plan(regions: &[Region], layers: &[Layer]) -> Result<Plan, LazyError> {
             source.push(src);
         }
     }
-    Ok(Plan { regions: planned, source, data_pages, zero_pages })
+    Ok(Plan {
+        regions: planned,
+        source,
+        data_pages,
+        zero_pages,
+    })
 }
 
 /// Refuses memory that already holds pages: missing-page mode would never
@@ -568,20 +619,31 @@ fn check_unpopulated(plan: &Plan) -> Result<(), LazyError> {
         // SAFETY: mincore only writes one byte per page of the range into
         // `resident`, which has exactly that many; an unmapped range is an
         // ENOMEM error, not a fault.
-        let rc = unsafe { libc::mincore(r.host as *mut libc::c_void, r.len, resident.as_mut_ptr()) };
+        let rc =
+            unsafe { libc::mincore(r.host as *mut libc::c_void, r.len, resident.as_mut_ptr()) };
         if rc != 0 {
             let errno = Errno::last();
             if errno.0 == libc::ENOMEM {
                 return Err(LazyError::InvalidRegion {
                     index,
-                    region: Region { host_addr: r.host, len: r.len, gpa: r.gpa },
+                    region: Region {
+                        host_addr: r.host,
+                        len: r.len,
+                        gpa: r.gpa,
+                    },
                     reason: "not mapped in this process",
                 });
             }
-            return Err(LazyError::Syscall { call: "mincore", errno });
+            return Err(LazyError::Syscall {
+                call: "mincore",
+                errno,
+            });
         }
         if let Some(k) = resident.iter().position(|b| b & 1 != 0) {
-            return Err(LazyError::AlreadyPopulated { index, gpa: r.gpa + k as u64 * PAGE });
+            return Err(LazyError::AlreadyPopulated {
+                index,
+                gpa: r.gpa + k as u64 * PAGE,
+            });
         }
     }
     Ok(())
@@ -599,7 +661,13 @@ fn read_error(layer: usize, gpa: u64, errno: Option<Errno>) -> LazyError {
 ///
 /// `dst` must be writable memory of `len` bytes that no Rust reference
 /// covers; the kernel reports a bad address as EFAULT.
-fn pread_exact(layers: &[File], layer: u8, dst: *mut u8, len: usize, gpa: u64) -> Result<(), LazyError> {
+fn pread_exact(
+    layers: &[File],
+    layer: u8,
+    dst: *mut u8,
+    len: usize,
+    gpa: u64,
+) -> Result<(), LazyError> {
     let l = layer as usize;
     let Some(file) = layers.get(l) else {
         return Err(read_error(l, gpa, Some(Errno(libc::EBADF))));
@@ -647,8 +715,14 @@ pub fn load_eager(regions: &[Region], layers: &[Layer]) -> Result<LoadStats, Laz
         .iter()
         .map(|l| l.file.try_clone())
         .collect::<Result<_, _>>()
-        .map_err(|e| LazyError::Syscall { call: "dup(layer)", errno: Errno(e.raw_os_error().unwrap_or(0)) })?;
-    let mut stats = LoadStats { zero_pages: plan.zero_pages, ..LoadStats::default() };
+        .map_err(|e| LazyError::Syscall {
+            call: "dup(layer)",
+            errno: Errno(e.raw_os_error().unwrap_or(0)),
+        })?;
+    let mut stats = LoadStats {
+        zero_pages: plan.zero_pages,
+        ..LoadStats::default()
+    };
     for r in &plan.regions {
         for (k, n, src) in runs(&plan.source[r.first..r.first + r.pages()], READ_PAGES) {
             let len = n * PAGE_SIZE;
@@ -753,7 +827,13 @@ impl Shared {
         let one = 1u64.to_ne_bytes();
         // SAFETY: writes 8 bytes from a local array to our eventfd. A full
         // counter (EAGAIN) already means "wake up", so the result is moot.
-        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr() as *const libc::c_void, one.len()) };
+        unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                one.as_ptr() as *const libc::c_void,
+                one.len(),
+            )
+        };
     }
 
     fn ioctl_range(&self, request: u64, start: u64, len: u64) -> Result<(), Errno> {
@@ -776,8 +856,13 @@ impl Shared {
         }
         let mut result = Ok(());
         for r in &self.plan.regions {
-            if let Err(errno) = self.ioctl_range(uapi::UFFDIO_UNREGISTER, r.host as u64, r.len as u64) {
-                result = Err(LazyError::Syscall { call: "ioctl(UFFDIO_UNREGISTER)", errno });
+            if let Err(errno) =
+                self.ioctl_range(uapi::UFFDIO_UNREGISTER, r.host as u64, r.len as u64)
+            {
+                result = Err(LazyError::Syscall {
+                    call: "ioctl(UFFDIO_UNREGISTER)",
+                    errno,
+                });
             }
         }
         if result.is_ok() {
@@ -840,7 +925,8 @@ impl Shared {
             // thread owns, and writes only `arg.copy`; the destination is
             // filled by the kernel in a registered range, never through a
             // Rust reference.
-            let rc = unsafe { libc::ioctl(self.uffd.as_raw_fd(), uapi::UFFDIO_COPY as _, &mut arg) };
+            let rc =
+                unsafe { libc::ioctl(self.uffd.as_raw_fd(), uapi::UFFDIO_COPY as _, &mut arg) };
             if rc == 0 {
                 return Fill::Done;
             }
@@ -868,13 +954,17 @@ impl Shared {
         let mut tries = 0;
         loop {
             let mut arg = uapi::UffdioZeropage {
-                range: uapi::UffdioRange { start: dst, len: PAGE },
+                range: uapi::UffdioRange {
+                    start: dst,
+                    len: PAGE,
+                },
                 mode: 0,
                 zeropage: 0,
             };
             // SAFETY: UFFDIO_ZEROPAGE reads the struct and writes only
             // `arg.zeropage`.
-            let rc = unsafe { libc::ioctl(self.uffd.as_raw_fd(), uapi::UFFDIO_ZEROPAGE as _, &mut arg) };
+            let rc =
+                unsafe { libc::ioctl(self.uffd.as_raw_fd(), uapi::UFFDIO_ZEROPAGE as _, &mut arg) };
             if rc == 0 {
                 return Fill::Done;
             }
@@ -907,7 +997,9 @@ impl Shared {
     fn fill_zero(&self, dst: u64, zeros: &PageBuf) -> Result<bool, ()> {
         match self.zeropage(dst, zeros) {
             Fill::Done => Ok(true),
-            Fill::Failed { errno, .. } => self.fill_failed("ioctl(UFFDIO_ZEROPAGE)", errno).map(|()| false),
+            Fill::Failed { errno, .. } => self
+                .fill_failed("ioctl(UFFDIO_ZEROPAGE)", errno)
+                .map(|()| false),
         }
     }
 
@@ -995,8 +1087,16 @@ impl Shared {
                 return;
             }
             let mut fds = [
-                libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: self.uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             // SAFETY: poll on two pollfds of a local array, its length given.
             let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -1005,17 +1105,29 @@ impl Shared {
                 if errno.0 == libc::EINTR {
                     continue;
                 }
-                self.abort(LazyError::Syscall { call: "poll(userfaultfd)", errno });
+                self.abort(LazyError::Syscall {
+                    call: "poll(userfaultfd)",
+                    errno,
+                });
                 return;
             }
             if fds[1].revents & libc::POLLIN != 0 {
                 let mut counter = [0u8; 8];
                 // SAFETY: reads the 8-byte eventfd counter into a local
                 // array, resetting it; the descriptor is non-blocking.
-                unsafe { libc::read(self.wake.as_raw_fd(), counter.as_mut_ptr() as *mut libc::c_void, 8) };
+                unsafe {
+                    libc::read(
+                        self.wake.as_raw_fd(),
+                        counter.as_mut_ptr() as *mut libc::c_void,
+                        8,
+                    )
+                };
             }
             if fds[0].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
-                self.abort(LazyError::Syscall { call: "poll(userfaultfd)", errno: Errno(libc::EIO) });
+                self.abort(LazyError::Syscall {
+                    call: "poll(userfaultfd)",
+                    errno: Errno(libc::EIO),
+                });
                 return;
             }
             if fds[0].revents & libc::POLLIN == 0 {
@@ -1024,7 +1136,13 @@ impl Shared {
             loop {
                 // SAFETY: reads whole uffd_msg records into a local array of
                 // that many bytes; the descriptor is non-blocking.
-                let n = unsafe { libc::read(self.uffd.as_raw_fd(), msgs.as_mut_ptr() as *mut libc::c_void, msgs.len()) };
+                let n = unsafe {
+                    libc::read(
+                        self.uffd.as_raw_fd(),
+                        msgs.as_mut_ptr() as *mut libc::c_void,
+                        msgs.len(),
+                    )
+                };
                 if n < 0 {
                     let errno = Errno::last();
                     if errno.0 == libc::EAGAIN {
@@ -1074,7 +1192,8 @@ impl Shared {
                 let gpa = r.gpa + (k * PAGE_SIZE) as u64;
                 let result = match pread_exact(&self.files, src, bufp, n * PAGE_SIZE, gpa) {
                     Ok(()) => {
-                        self.bytes.fetch_add((n * PAGE_SIZE) as u64, Ordering::Relaxed);
+                        self.bytes
+                            .fetch_add((n * PAGE_SIZE) as u64, Ordering::Relaxed);
                         (0..n).step_by(BATCH_PAGES).try_for_each(|c| {
                             let m = BATCH_PAGES.min(n - c);
                             // SAFETY: c < n, so the batch is inside the read.
@@ -1125,8 +1244,8 @@ impl Shared {
             }
         }
         if !reported {
-            // The batch failed yet every page read: a file in flux. Record
-            // the batch's error, nothing was zero-filled.
+            // The batch failed yet every page read singly: a file in flux.
+            // Nothing was zero-filled, so this is only worth a log line.
             tracing::warn!("lazy memory: {batch_err}; the pages read singly");
         }
         Ok(())
@@ -1192,13 +1311,20 @@ fn open_uffd() -> Result<OwnedFd, LazyError> {
             // SAFETY: a fresh descriptor that nothing else owns.
             Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         }
-        _ => Err(LazyError::Syscall { call: "userfaultfd(2)", errno }),
+        _ => Err(LazyError::Syscall {
+            call: "userfaultfd(2)",
+            errno,
+        }),
     }
 }
 
 /// Handshakes the API and checks that shmem is supported.
 fn uffd_api(uffd: &OwnedFd) -> Result<(), LazyError> {
-    let mut api = uapi::UffdioApi { api: uapi::UFFD_API, features: uapi::UFFD_FEATURE_MISSING_SHMEM, ioctls: 0 };
+    let mut api = uapi::UffdioApi {
+        api: uapi::UFFD_API,
+        features: uapi::UFFD_FEATURE_MISSING_SHMEM,
+        ioctls: 0,
+    };
     // SAFETY: UFFDIO_API reads and writes one uffdio_api, which `api` is.
     let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), uapi::UFFDIO_API as _, &mut api) };
     if rc != 0 {
@@ -1214,11 +1340,17 @@ fn uffd_api(uffd: &OwnedFd) -> Result<(), LazyError> {
         });
     }
     if api.features & uapi::UFFD_FEATURE_MISSING_SHMEM == 0 {
-        return Err(LazyError::FeatureMissing { feature: "UFFD_FEATURE_MISSING_SHMEM", granted: api.features });
+        return Err(LazyError::FeatureMissing {
+            feature: "UFFD_FEATURE_MISSING_SHMEM",
+            granted: api.features,
+        });
     }
     let needed = (1 << uapi::NR_REGISTER) | (1 << uapi::NR_UNREGISTER);
     if api.ioctls & needed != needed {
-        return Err(LazyError::FeatureMissing { feature: "UFFDIO_REGISTER/UNREGISTER", granted: api.ioctls });
+        return Err(LazyError::FeatureMissing {
+            feature: "UFFDIO_REGISTER/UNREGISTER",
+            granted: api.ioctls,
+        });
     }
     Ok(())
 }
@@ -1227,7 +1359,10 @@ fn uffd_api(uffd: &OwnedFd) -> Result<(), LazyError> {
 /// the kernel allows on it.
 fn uffd_register(uffd: &OwnedFd, r: &PlannedRegion) -> Result<u64, Errno> {
     let mut reg = uapi::UffdioRegister {
-        range: uapi::UffdioRange { start: r.host as u64, len: r.len as u64 },
+        range: uapi::UffdioRange {
+            start: r.host as u64,
+            len: r.len as u64,
+        },
         mode: uapi::UFFDIO_REGISTER_MODE_MISSING,
         ioctls: 0,
     };
@@ -1255,13 +1390,18 @@ impl LazyLoader {
     ///
     /// `layers` are oldest first. The regions must be live, fresh (no page
     /// present) `MAP_SHARED` memfd mappings that stay mapped until the
-    /// loader is dropped. [`LazyError::is_unavailable`] tells when to fall
-    /// back to [`load_eager`].
+    /// loader is dropped, and no other mapping of the memfd may be made
+    /// before [`Self::wait_loaded`]. [`LazyError::is_unavailable`] tells
+    /// when to fall back to [`load_eager`].
     pub fn start(regions: &[Region], layers: Vec<Layer>) -> Result<LazyLoader, LazyError> {
         Self::start_tuned(regions, layers, Tuning::default())
     }
 
-    fn start_tuned(regions: &[Region], layers: Vec<Layer>, tuning: Tuning) -> Result<LazyLoader, LazyError> {
+    fn start_tuned(
+        regions: &[Region],
+        layers: Vec<Layer>,
+        tuning: Tuning,
+    ) -> Result<LazyLoader, LazyError> {
         let started = Instant::now();
         let plan = plan(regions, &layers)?;
         check_unpopulated(&plan)?;
@@ -1281,10 +1421,18 @@ impl LazyLoader {
                         hint: format!(" (region {i}: not memory userfaultfd can handle here)"),
                     })
                 }
-                Err(errno) => return Err(LazyError::Syscall { call: "ioctl(UFFDIO_REGISTER)", errno }),
+                Err(errno) => {
+                    return Err(LazyError::Syscall {
+                        call: "ioctl(UFFDIO_REGISTER)",
+                        errno,
+                    })
+                }
             };
             if ioctls & (1 << uapi::NR_COPY) == 0 {
-                return Err(LazyError::FeatureMissing { feature: "UFFDIO_COPY on the region", granted: ioctls });
+                return Err(LazyError::FeatureMissing {
+                    feature: "UFFDIO_COPY on the region",
+                    granted: ioctls,
+                });
             }
             has_zeropage &= ioctls & (1 << uapi::NR_ZEROPAGE) != 0;
         }
@@ -1293,7 +1441,10 @@ impl LazyLoader {
         // or -1.
         let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if wake < 0 {
-            return Err(LazyError::Syscall { call: "eventfd", errno: Errno::last() });
+            return Err(LazyError::Syscall {
+                call: "eventfd",
+                errno: Errno::last(),
+            });
         }
         // SAFETY: a fresh descriptor that nothing else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(wake) };
@@ -1311,10 +1462,16 @@ impl LazyLoader {
             faults: AtomicU64::new(0),
             prefetched: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
-            state: Mutex::new(State { registered: true, ..State::default() }),
+            state: Mutex::new(State {
+                registered: true,
+                ..State::default()
+            }),
             done: Condvar::new(),
         });
-        let mut loader = LazyLoader { shared, threads: Vec::new() };
+        let mut loader = LazyLoader {
+            shared,
+            threads: Vec::new(),
+        };
         // If a spawn fails, dropping `loader` stops what was started and
         // unregisters.
         loader.spawn("uffd-fault", Shared::handle_faults)?;
@@ -1330,7 +1487,10 @@ impl LazyLoader {
                 let _guard = PanicGuard(&shared);
                 body(&shared);
             })
-            .map_err(|e| LazyError::Thread { thread: name, errno: Errno(e.raw_os_error().unwrap_or(0)) })?;
+            .map_err(|e| LazyError::Thread {
+                thread: name,
+                errno: Errno(e.raw_os_error().unwrap_or(0)),
+            })?;
         self.threads.push(handle);
         Ok(())
     }
@@ -1348,7 +1508,10 @@ impl LazyLoader {
             return Err(LazyError::Aborted(Box::new(fatal.clone())));
         }
         if let Some(first) = &st.first_read_error {
-            return Err(LazyError::ZeroFilled { pages: st.zero_filled, first: Box::new(first.clone()) });
+            return Err(LazyError::ZeroFilled {
+                pages: st.zero_filled,
+                first: Box::new(first.clone()),
+            });
         }
         Ok(LoadStats {
             faults: s.faults.load(Ordering::Relaxed),
@@ -1425,7 +1588,12 @@ mod tests {
                 off as libc::off_t,
             )
         };
-        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
         p as usize
     }
 
@@ -1446,15 +1614,26 @@ mod tests {
             memfd.set_len(size as u64).unwrap();
             let (mut regions, mut offsets, mut off) = (Vec::new(), Vec::new(), 0u64);
             for &(gpa, len) in ranges {
-                regions.push(Region { host_addr: mmap_shared(&memfd, off, len), len, gpa });
+                regions.push(Region {
+                    host_addr: mmap_shared(&memfd, off, len),
+                    len,
+                    gpa,
+                });
                 offsets.push(off);
                 off += len as u64;
             }
-            Ram { memfd, size, regions, offsets }
+            Ram {
+                memfd,
+                size,
+                regions,
+                offsets,
+            }
         }
 
         fn pages(&self) -> impl Iterator<Item = u64> + '_ {
-            self.regions.iter().flat_map(|r| r.gpa / PAGE..(r.gpa + r.len as u64) / PAGE)
+            self.regions
+                .iter()
+                .flat_map(|r| r.gpa / PAGE..(r.gpa + r.len as u64) / PAGE)
         }
 
         /// Reads the page at `page` (a gpa page number) through `base`, a
@@ -1468,7 +1647,9 @@ mod tests {
                     // SAFETY: src is inside a live mapping of `len` bytes;
                     // copying through a raw pointer creates no reference
                     // to memory the kernel fills.
-                    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, out.as_mut_ptr(), PAGE_SIZE) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(src as *const u8, out.as_mut_ptr(), PAGE_SIZE)
+                    };
                     return out;
                 }
             }
@@ -1486,14 +1667,22 @@ mod tests {
             let whole = mmap_shared(&self.memfd, 0, self.size);
             let bases: Vec<usize> = self.offsets.iter().map(|&o| whole + o as usize).collect();
             for page in self.pages() {
-                assert_eq!(self.read_page_via(&bases, page), content(page, expect(page)), "page {page:#x} (second mapping)");
+                assert_eq!(
+                    self.read_page_via(&bases, page),
+                    content(page, expect(page)),
+                    "page {page:#x} (second mapping)"
+                );
             }
             munmap(whole, self.size);
         }
 
         fn check_all(&self, expect: &dyn Fn(u64) -> Option<u8>) {
             for page in self.pages() {
-                assert_eq!(self.read_page(page), content(page, expect(page)), "page {page:#x}");
+                assert_eq!(
+                    self.read_page(page),
+                    content(page, expect(page)),
+                    "page {page:#x}"
+                );
             }
         }
     }
@@ -1511,7 +1700,9 @@ mod tests {
     fn content(page: u64, salt: Option<u8>) -> Vec<u8> {
         match salt {
             None => vec![0; PAGE_SIZE],
-            Some(s) => (0..PAGE_SIZE).map(|i| (((page * 7 + i as u64) % 251) as u8 ^ s) | 1).collect(),
+            Some(s) => (0..PAGE_SIZE)
+                .map(|i| (((page * 7 + i as u64) % 251) as u8 ^ s) | 1)
+                .collect(),
         }
     }
 
@@ -1538,7 +1729,13 @@ mod tests {
     /// Starts a loader, or None (and says why) where userfaultfd is
     /// unavailable to this process.
     fn start(ram: &Ram, layers: Vec<Layer>, delay_ms: u64) -> Option<LazyLoader> {
-        match LazyLoader::start_tuned(&ram.regions, layers, Tuning { prefetch_delay: Duration::from_millis(delay_ms) }) {
+        match LazyLoader::start_tuned(
+            &ram.regions,
+            layers,
+            Tuning {
+                prefetch_delay: Duration::from_millis(delay_ms),
+            },
+        ) {
             Ok(l) => Some(l),
             Err(e) if e.is_unavailable() => {
                 eprintln!("SKIPPED: {e}");
@@ -1570,7 +1767,11 @@ mod tests {
                 let bases = &bases;
                 s.spawn(move || {
                     for page in order {
-                        assert_eq!(ram.read_page_via(bases, page), content(page, expect(page)), "page {page:#x}");
+                        assert_eq!(
+                            ram.read_page_via(bases, page),
+                            content(page, expect(page)),
+                            "page {page:#x}"
+                        );
                     }
                 });
             }
@@ -1588,7 +1789,8 @@ mod tests {
     fn full_layer_pages(salt: u8) -> Vec<(u64, Option<u8>)> {
         let mut pages = Vec::new();
         for p in 0..RAM_END / PAGE {
-            let data = p < 300 || (p >= 1024 && p % 7 < 4) || (4096..4608).contains(&p) && p % 3 == 0;
+            let data =
+                p < 300 || (p >= 1024 && p % 7 < 4) || (4096..4608).contains(&p) && p % 3 == 0;
             if data {
                 pages.push((p, Some(salt)));
             } else if p % 97 == 0 {
@@ -1605,9 +1807,14 @@ mod tests {
         let lookup: std::collections::HashMap<u64, Option<u8>> = pages.iter().copied().collect();
         let expect = |p: u64| lookup.get(&p).copied().flatten();
         let ram = Ram::new(&RANGES);
-        let layers = vec![Layer { file: layer_file(RAM_END, &pages), pages: None }];
+        let layers = vec![Layer {
+            file: layer_file(RAM_END, &pages),
+            pages: None,
+        }];
         // The prefetcher waits, so that the readers' faults come first.
-        let Some(loader) = start(&ram, layers, 300) else { return };
+        let Some(loader) = start(&ram, layers, 300) else {
+            return;
+        };
         read_concurrently(&ram, 2, &expect);
         let stats = loader.wait_loaded().unwrap();
         assert!(loader.is_loaded());
@@ -1617,7 +1824,10 @@ mod tests {
         assert!(stats.pages_prefetched <= loader.data_pages());
         // Zero pages are never read: each data page is read once by the
         // prefetcher, plus once per fault.
-        assert!(stats.bytes <= (loader.data_pages() + stats.faults) * PAGE, "{stats:?}");
+        assert!(
+            stats.bytes <= (loader.data_pages() + stats.faults) * PAGE,
+            "{stats:?}"
+        );
         ram.check_all(&expect);
         ram.check_second_mapping(&expect);
     }
@@ -1630,12 +1840,21 @@ mod tests {
         let lookup: std::collections::HashMap<u64, Option<u8>> = pages.iter().copied().collect();
         let expect = |p: u64| lookup.get(&p).copied().flatten();
         let ram = Ram::new(&RANGES);
-        let layers = vec![Layer { file: layer_file(RAM_END, &pages), pages: None }];
-        let Some(loader) = start(&ram, layers, 200) else { return };
+        let layers = vec![Layer {
+            file: layer_file(RAM_END, &pages),
+            pages: None,
+        }];
+        let Some(loader) = start(&ram, layers, 200) else {
+            return;
+        };
         let written: Vec<u64> = ram.pages().filter(|p| p % 5 == 0).collect();
         let bases: Vec<usize> = ram.regions.iter().map(|r| r.host_addr).collect();
         for &p in &written {
-            let r = ram.regions.iter().zip(&bases).find(|(r, _)| p * PAGE >= r.gpa && p * PAGE < r.gpa + r.len as u64);
+            let r = ram
+                .regions
+                .iter()
+                .zip(&bases)
+                .find(|(r, _)| p * PAGE >= r.gpa && p * PAGE < r.gpa + r.len as u64);
             let (r, &base) = r.unwrap();
             // SAFETY: a byte inside a live mapping of the test's RAM.
             unsafe { *((base + (p * PAGE - r.gpa) as usize + 100) as *mut u8) = 0xee };
@@ -1652,7 +1871,11 @@ mod tests {
         let other: Vec<usize> = ram.offsets.iter().map(|&o| whole + o as usize).collect();
         for p in ram.pages() {
             assert_eq!(ram.read_page(p), want(p), "page {p:#x}");
-            assert_eq!(ram.read_page_via(&other, p), want(p), "page {p:#x} (second mapping)");
+            assert_eq!(
+                ram.read_page_via(&other, p),
+                want(p),
+                "page {p:#x} (second mapping)"
+            );
         }
         munmap(whole, ram.size);
     }
@@ -1663,8 +1886,13 @@ mod tests {
     fn kernel_mode_faults_are_served() {
         let pages = full_layer_pages(0x44);
         let ram = Ram::new(&RANGES);
-        let layers = vec![Layer { file: layer_file(RAM_END, &pages), pages: None }];
-        let Some(loader) = start(&ram, layers, 200) else { return };
+        let layers = vec![Layer {
+            file: layer_file(RAM_END, &pages),
+            pages: None,
+        }];
+        let Some(loader) = start(&ram, layers, 200) else {
+            return;
+        };
         let out = tempfile::tempfile().unwrap();
         let src = ram.regions[0].host_addr + 5 * PAGE_SIZE;
         // SAFETY: write(2) reads one page of a live mapping; the kernel
@@ -1684,8 +1912,13 @@ mod tests {
         let lookup: std::collections::HashMap<u64, Option<u8>> = pages.iter().copied().collect();
         let expect = |p: u64| lookup.get(&p).copied().flatten();
         let ram = Ram::new(&RANGES);
-        let layers = vec![Layer { file: layer_file(RAM_END, &pages), pages: None }];
-        let Some(loader) = start(&ram, layers, 0) else { return };
+        let layers = vec![Layer {
+            file: layer_file(RAM_END, &pages),
+            pages: None,
+        }];
+        let Some(loader) = start(&ram, layers, 0) else {
+            return;
+        };
         let stats = loader.wait_loaded().unwrap();
         assert_eq!(stats.faults, 0);
         assert_eq!(stats.pages_prefetched, loader.data_pages());
@@ -1700,8 +1933,10 @@ mod tests {
     /// page wins, including when it holds the page as zeros (a hole, or
     /// written zeros).
     fn layered_layers() -> (Vec<Layer>, impl Fn(u64) -> Option<u8> + Sync) {
-        let base: Vec<(u64, Option<u8>)> =
-            (0..RAM_END / PAGE).filter(|p| p.is_multiple_of(2)).map(|p| (p, Some(1))).collect();
+        let base: Vec<(u64, Option<u8>)> = (0..RAM_END / PAGE)
+            .filter(|p| p.is_multiple_of(2))
+            .map(|p| (p, Some(1)))
+            .collect();
         // Layer 1 holds pages 0..200 (new data, except 10..20: held as a
         // hole, and 20..30: held as written zeros) and 4100..4200.
         let held1: Vec<u64> = (0..200).chain(4100..4200).collect();
@@ -1714,10 +1949,19 @@ mod tests {
         let held2: Vec<u64> = (150..160).chain(4150..4160).chain([2000]).collect();
         let data2: Vec<(u64, Option<u8>)> = held2.iter().map(|&p| (p, Some(3))).collect();
         let layers = vec![
-            Layer { file: layer_file(RAM_END, &base), pages: None },
+            Layer {
+                file: layer_file(RAM_END, &base),
+                pages: None,
+            },
             // Increments are only as long as their last page.
-            Layer { file: layer_file(4200 * PAGE, &data1), pages: Some(bitmap(RAM_END, &held1)) },
-            Layer { file: layer_file(4160 * PAGE, &data2), pages: Some(bitmap(RAM_END, &held2)) },
+            Layer {
+                file: layer_file(4200 * PAGE, &data1),
+                pages: Some(bitmap(RAM_END, &held1)),
+            },
+            Layer {
+                file: layer_file(4160 * PAGE, &data2),
+                pages: Some(bitmap(RAM_END, &held2)),
+            },
         ];
         let expect = move |p: u64| {
             if held2.contains(&p) {
@@ -1741,7 +1985,9 @@ mod tests {
     fn newest_layer_wins_lazily() {
         let (layers, expect) = layered_layers();
         let ram = Ram::new(&RANGES);
-        let Some(loader) = start(&ram, layers, 100) else { return };
+        let Some(loader) = start(&ram, layers, 100) else {
+            return;
+        };
         read_concurrently(&ram, 2, &expect);
         loader.wait_loaded().unwrap();
         ram.check_all(&expect);
@@ -1765,16 +2011,25 @@ mod tests {
         let expect = |p: u64| lookup.get(&p).copied().flatten();
         let file = layer_file(RAM_END, &pages);
         let eager = Ram::new(&RANGES);
-        let layers = vec![Layer { file: file.try_clone().unwrap(), pages: None }];
+        let layers = vec![Layer {
+            file: file.try_clone().unwrap(),
+            pages: None,
+        }];
         let stats = load_eager(&eager.regions, &layers).unwrap();
         eager.check_second_mapping(&expect);
         let lazy = Ram::new(&RANGES);
-        let Some(loader) = start(&lazy, layers, 0) else { return };
+        let Some(loader) = start(&lazy, layers, 0) else {
+            return;
+        };
         let lazy_stats = loader.wait_loaded().unwrap();
         assert_eq!(stats.pages_prefetched, lazy_stats.pages_prefetched);
         assert_eq!(stats.zero_pages, lazy_stats.zero_pages);
         for page in eager.pages() {
-            assert_eq!(eager.read_page(page), lazy.read_page(page), "page {page:#x}");
+            assert_eq!(
+                eager.read_page(page),
+                lazy.read_page(page),
+                "page {page:#x}"
+            );
         }
     }
 
@@ -1792,9 +2047,15 @@ mod tests {
         let ram = Ram::new(&RANGES);
         let make = || {
             vec![
-                Layer { file: layer_file(RAM_END, &[]), pages: None },
+                Layer {
+                    file: layer_file(RAM_END, &[]),
+                    pages: None,
+                },
                 // Holds page 300, but the file ends half-way through it.
-                Layer { file: layer_file(300 * PAGE + 100, &[]), pages: Some(bitmap(RAM_END, &[5, 300])) },
+                Layer {
+                    file: layer_file(300 * PAGE + 100, &[]),
+                    pages: Some(bitmap(RAM_END, &[5, 300])),
+                },
             ]
         };
         for e in <[LazyError; 2]>::from(both_fail(&ram, &make)) {
@@ -1808,9 +2069,24 @@ mod tests {
     #[test]
     fn full_layer_shorter_than_ram_is_an_error() {
         let ram = Ram::new(&RANGES);
-        let make = || vec![Layer { file: layer_file(RAM_END - PAGE, &[(3, Some(1))]), pages: None }];
+        let make = || {
+            vec![Layer {
+                file: layer_file(RAM_END - PAGE, &[(3, Some(1))]),
+                pages: None,
+            }]
+        };
         for e in <[LazyError; 2]>::from(both_fail(&ram, &make)) {
-            assert!(matches!(e, LazyError::LayerTooShort { layer: 0, needed: RAM_END, .. }), "{e}");
+            assert!(
+                matches!(
+                    e,
+                    LazyError::LayerTooShort {
+                        layer: 0,
+                        needed: RAM_END,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
         }
     }
 
@@ -1819,46 +2095,111 @@ mod tests {
         let ram = Ram::new(&RANGES);
         let make = || {
             vec![
-                Layer { file: layer_file(RAM_END, &[]), pages: None },
+                Layer {
+                    file: layer_file(RAM_END, &[]),
+                    pages: None,
+                },
                 // Covers 6 MiB, but RAM reaches 18 MiB.
-                Layer { file: layer_file(RAM_END, &[]), pages: Some(vec![u64::MAX; 6 * MIB / PAGE_SIZE / 64]) },
+                Layer {
+                    file: layer_file(RAM_END, &[]),
+                    pages: Some(vec![u64::MAX; 6 * MIB / PAGE_SIZE / 64]),
+                },
             ]
         };
         for e in <[LazyError; 2]>::from(both_fail(&ram, &make)) {
-            assert!(matches!(e, LazyError::BitmapTooShort { layer: 1, .. }), "{e}");
+            assert!(
+                matches!(e, LazyError::BitmapTooShort { layer: 1, .. }),
+                "{e}"
+            );
         }
         // No bitmap words at all.
-        let e = load_eager(&ram.regions, &[Layer { file: layer_file(RAM_END, &[]), pages: Some(Vec::new()) }]).unwrap_err();
-        assert!(matches!(e, LazyError::BitmapTooShort { bits: 0, .. }), "{e}");
+        let e = load_eager(
+            &ram.regions,
+            &[Layer {
+                file: layer_file(RAM_END, &[]),
+                pages: Some(Vec::new()),
+            }],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, LazyError::BitmapTooShort { bits: 0, .. }),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_regions_are_errors() {
         let ram = Ram::new(&RANGES);
-        let layer = || vec![Layer { file: layer_file(RAM_END, &[]), pages: None }];
+        let layer = || {
+            vec![Layer {
+                file: layer_file(RAM_END, &[]),
+                pages: None,
+            }]
+        };
         let r = ram.regions[0];
         let cases = [
-            vec![Region { host_addr: r.host_addr + 8, ..r }],
-            vec![Region { len: r.len - 8, ..r }],
+            vec![Region {
+                host_addr: r.host_addr + 8,
+                ..r
+            }],
+            vec![Region {
+                len: r.len - 8,
+                ..r
+            }],
             vec![Region { gpa: 100, ..r }],
             vec![Region { len: 0, ..r }],
             vec![r, Region { gpa: RAM_END, ..r }],
-            vec![r, Region { host_addr: ram.regions[1].host_addr, gpa: 1 << 20, len: ram.regions[1].len }],
+            vec![
+                r,
+                Region {
+                    host_addr: ram.regions[1].host_addr,
+                    gpa: 1 << 20,
+                    len: ram.regions[1].len,
+                },
+            ],
         ];
         for regions in cases {
             let e = load_eager(&regions, &layer()).unwrap_err();
-            assert!(matches!(e, LazyError::InvalidRegion { .. }), "{regions:x?}: {e}");
+            assert!(
+                matches!(e, LazyError::InvalidRegion { .. }),
+                "{regions:x?}: {e}"
+            );
             let e = LazyLoader::start(&regions, layer()).err().unwrap();
-            assert!(matches!(e, LazyError::InvalidRegion { .. }), "{regions:x?}: {e}");
+            assert!(
+                matches!(e, LazyError::InvalidRegion { .. }),
+                "{regions:x?}: {e}"
+            );
         }
         // An address range that is not mapped: below vm.mmap_min_addr
         // nothing can be (an unmapped range of our own could be reused by a
         // test running beside this one).
-        let regions = [Region { host_addr: PAGE_SIZE, len: 2 * PAGE_SIZE, gpa: 0 }];
+        let regions = [Region {
+            host_addr: PAGE_SIZE,
+            len: 2 * PAGE_SIZE,
+            gpa: 0,
+        }];
         let e = load_eager(&regions, &layer()).unwrap_err();
-        assert!(matches!(e, LazyError::InvalidRegion { reason: "not mapped in this process", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                LazyError::InvalidRegion {
+                    reason: "not mapped in this process",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = LazyLoader::start(&regions, layer()).err().unwrap();
-        assert!(matches!(e, LazyError::InvalidRegion { reason: "not mapped in this process", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                LazyError::InvalidRegion {
+                    reason: "not mapped in this process",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1866,9 +2207,17 @@ mod tests {
         let ram = Ram::new(&RANGES);
         // SAFETY: writes one byte inside the first live mapping.
         unsafe { *((ram.regions[1].host_addr + 3 * PAGE_SIZE) as *mut u8) = 7 };
-        let layer = || vec![Layer { file: layer_file(RAM_END, &[]), pages: None }];
+        let layer = || {
+            vec![Layer {
+                file: layer_file(RAM_END, &[]),
+                pages: None,
+            }]
+        };
         let e = load_eager(&ram.regions, &layer()).unwrap_err();
-        assert!(matches!(e, LazyError::AlreadyPopulated { index: 1, gpa } if gpa == (16 << 20) + 3 * PAGE), "{e}");
+        assert!(
+            matches!(e, LazyError::AlreadyPopulated { index: 1, gpa } if gpa == (16 << 20) + 3 * PAGE),
+            "{e}"
+        );
         let e = LazyLoader::start(&ram.regions, layer()).err().unwrap();
         assert!(matches!(e, LazyError::AlreadyPopulated { .. }), "{e}");
     }
@@ -1879,7 +2228,9 @@ mod tests {
         let file = layer_file(RAM_END, &pages);
         let shrink = file.try_clone().unwrap();
         let ram = Ram::new(&RANGES);
-        let Some(loader) = start(&ram, vec![Layer { file, pages: None }], 200) else { return };
+        let Some(loader) = start(&ram, vec![Layer { file, pages: None }], 200) else {
+            return;
+        };
         shrink.set_len(1 << 20).unwrap();
         // A fault past the new end: zeros, at once, not a hang.
         assert_eq!(ram.read_page(512), content(512, None));
@@ -1889,7 +2240,10 @@ mod tests {
             Err(LazyError::ZeroFilled { pages, first }) => {
                 let memory_pages = ram.pages().count() as u64;
                 assert_eq!(pages, memory_pages - 256, "{first}");
-                assert!(matches!(*first, LazyError::LayerShortRead { layer: 0, .. }), "{first}");
+                assert!(
+                    matches!(*first, LazyError::LayerShortRead { layer: 0, .. }),
+                    "{first}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -1901,8 +2255,13 @@ mod tests {
     fn drop_before_loaded_stops_at_once() {
         let pages = full_layer_pages(0x11);
         let ram = Ram::new(&RANGES);
-        let layers = vec![Layer { file: layer_file(RAM_END, &pages), pages: None }];
-        let Some(loader) = start(&ram, layers, 60_000) else { return };
+        let layers = vec![Layer {
+            file: layer_file(RAM_END, &pages),
+            pages: None,
+        }];
+        let Some(loader) = start(&ram, layers, 60_000) else {
+            return;
+        };
         assert_eq!(ram.read_page(1), content(1, Some(0x11)));
         assert!(!loader.is_loaded());
         let t = Instant::now();
@@ -1930,9 +2289,16 @@ mod tests {
 
     #[test]
     fn errors_name_the_call_and_errno() {
-        let e = LazyError::Unavailable { call: "userfaultfd(2)", errno: Errno(libc::EPERM), hint: String::new() };
+        let e = LazyError::Unavailable {
+            call: "userfaultfd(2)",
+            errno: Errno(libc::EPERM),
+            hint: String::new(),
+        };
         let text = e.to_string();
-        assert!(text.contains("userfaultfd(2)") && text.contains("EPERM 1"), "{text}");
+        assert!(
+            text.contains("userfaultfd(2)") && text.contains("EPERM 1"),
+            "{text}"
+        );
         assert!(e.is_unavailable());
         assert!(!LazyError::Stopped.is_unavailable());
     }
@@ -1955,7 +2321,13 @@ mod tests {
         let pages = (SIZE / PAGE_SIZE) as u64;
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let path = dir.path().join("mem");
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         file.set_len(SIZE as u64).unwrap();
         // Runs of 48 data pages then 16 holes: 3/4 data.
         let mut run = Vec::with_capacity(48 * PAGE_SIZE);
@@ -1973,14 +2345,52 @@ mod tests {
             // SAFETY: an advice call on our file; it changes no memory.
             unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         };
-        let layer = || Layer { file: File::open(&path).unwrap(), pages: None };
-        for (label, drop_cache) in [("warm", false), ("cold", true), ("warm", false), ("cold", true)] {
+        let layer = || Layer {
+            file: File::open(&path).unwrap(),
+            pages: None,
+        };
+        // Time to start grows with RAM size (the page table is built up
+        // front): 4 GiB split around the MMIO hole, 1 page in 16 data.
+        {
+            let big = tempfile::tempfile_in("/var/tmp").unwrap();
+            let ranges = [(0u64, 3 << 30), (4u64 << 30, 1 << 30)];
+            big.set_len(5 << 30).unwrap();
+            for p in (0..(5u64 << 30) / PAGE).step_by(16) {
+                if !(3 << 30..4 << 30).contains(&(p * PAGE)) {
+                    big.write_all_at(&content(p, Some(1)), p * PAGE).unwrap();
+                }
+            }
+            let ram = Ram::new(&ranges);
+            let t = Instant::now();
+            let loader = LazyLoader::start(
+                &ram.regions,
+                vec![Layer {
+                    file: big,
+                    pages: None,
+                }],
+            )
+            .unwrap();
+            let to_start = t.elapsed();
+            let t = Instant::now();
+            drop(loader);
+            eprintln!("4 GiB RAM (1/16 data, scattered): start returned in {to_start:?}; drop (stopping the load) took {:?}", t.elapsed());
+        }
+        for (label, drop_cache) in [
+            ("warm", false),
+            ("cold", true),
+            ("warm", false),
+            ("cold", true),
+        ] {
             let ram = Ram::new(&[(0, SIZE)]);
             if drop_cache {
                 cold(&file);
             }
             let stats = load_eager(&ram.regions, &[layer()]).unwrap();
-            eprintln!("{label} eager: loaded in {:?} ({} MiB read)", stats.elapsed, stats.bytes >> 20);
+            eprintln!(
+                "{label} eager: loaded in {:?} ({} MiB read)",
+                stats.elapsed,
+                stats.bytes >> 20
+            );
             drop(ram);
 
             let ram = Ram::new(&[(0, SIZE)]);
