@@ -279,6 +279,9 @@ fn describe(ev: &Event) -> String {
         }
         Event::Lifecycle { t_ns, what, detail } => format!("{} lifecycle {what:?}: {detail}", secs(*t_ns)),
         Event::Debug { t_ns, vcpu, reason, rip, .. } => format!("{} debug     vCPU {vcpu} {reason:?} at {rip:#x}", secs(*t_ns)),
+        Event::Progress { t_ns, what, done, total } => {
+            format!("{} progress  {what}: {} of {} MiB", secs(*t_ns), done >> 20, total >> 20)
+        }
         Event::Lost { count } => format!("{:>12} lost      {count} events (this client fell behind)", ""),
     }
 }

@@ -74,7 +74,7 @@ pub fn run(
     let taps = config
         .nets
         .iter()
-        .map(|n| Tap::open(&n.tap).map_err(|e| VmmError::Net(e.to_string())))
+        .map(|n| if n.tap.is_empty() { Tap::detached() } else { Tap::open(&n.tap) }.map_err(|e| VmmError::Net(e.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
     let (tx, rx) = lifecycle::channel();
     signals::install_handlers(tx.clone())?;
@@ -557,6 +557,22 @@ impl Boot {
         })?;
         if let Some(l) = load.lazy {
             *lock_device(&boot.handles.lazy) = Some(l);
+        }
+        // An interrupt edge raised while the devices were rebuilt may have
+        // been overwritten by the restored interrupt controllers: raise
+        // the pending ones again (at worst one spurious interrupt), and
+        // hand a frame held for want of an RX buffer to the guest.
+        {
+            let set = &boot.handles.device_set;
+            lock_device(&set.i8042).reassert_irq();
+            for b in &set.blocks {
+                lock_device(b).reassert_irq();
+            }
+            for n in &set.nets {
+                let mut n = lock_device(n);
+                n.reassert_irq();
+                n.process_rx();
+            }
         }
         if from.new_generation {
             // A restored or cloned guest is a fork of the one that was

@@ -6,7 +6,7 @@
 //! zeroed: a guest cannot ask the host kernel for checksum or GSO work.
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use serde::{Deserialize, Serialize};
@@ -44,6 +44,8 @@ pub trait NetBackend: Send {
 pub struct Tap {
     file: File,
     name: String,
+    /// A detached interface's other end (see `detached`).
+    _peer: Option<std::sync::Arc<File>>,
 }
 
 impl Tap {
@@ -78,7 +80,7 @@ impl Tap {
         if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
             return Err(fail(io::Error::last_os_error()));
         }
-        Ok(Tap { file, name: name.to_owned() })
+        Ok(Tap { file, name: name.to_owned(), _peer: None })
     }
 
     pub fn name(&self) -> &str {
@@ -88,7 +90,26 @@ impl Tap {
     /// Another handle on the same tap queue, so that the tap (and the
     /// host's address on it) outlives a guest reboot.
     pub fn try_clone(&self) -> io::Result<Tap> {
-        Ok(Tap { file: self.file.try_clone()?, name: self.name.clone() })
+        Ok(Tap { file: self.file.try_clone()?, name: self.name.clone(), _peer: self._peer.clone() })
+    }
+
+    /// An interface with no link to the host: what a restored or cloned
+    /// VM gets with `--no-net` (its guest keeps the NIC it had, but a
+    /// clone must never share its origin's tap). Frames the guest sends
+    /// go into a socket nobody reads and are dropped once it is full;
+    /// nothing ever arrives.
+    pub fn detached() -> Result<Tap, VirtioError> {
+        let mut fds = [0i32; 2];
+        // SAFETY: socketpair writes two descriptors into `fds`; checked.
+        let r = unsafe {
+            libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
+        };
+        if r != 0 {
+            return Err(VirtioError::TapOpen("(detached)".into(), io::Error::last_os_error()));
+        }
+        // SAFETY: both descriptors are fresh and owned by nothing else.
+        let (file, peer) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        Ok(Tap { file, name: String::new(), _peer: Some(std::sync::Arc::new(peer)) })
     }
 }
 
