@@ -159,7 +159,7 @@ fn create(a: CreateArgs) -> anyhow::Result<i32> {
     let parent = a.parent.as_deref().map(absolute).transpose()?;
     let mut c = a.target.connect()?;
     let progress = spawn_progress(&a.target);
-    let r: Result<CreateReport, _> = c.call(ControlRequest::Snapshot { out, parent });
+    let r: Result<CreateReport, _> = c.call(ControlRequest::Snapshot { out, parent, clone: None });
     if progress.is_some() {
         eprint!("\r\x1b[K");
     }

@@ -102,6 +102,9 @@ pub enum ControlRequest {
         out: std::path::PathBuf,
         #[serde(default)]
         parent: Option<std::path::PathBuf>,
+        /// A clone point (see the support API's `snapshot`).
+        #[serde(default)]
+        clone: Option<dvisor_vmm::api::protocol::CloneSpec>,
     },
     /// In-place restore of the VM from snapshot `dir`.
     Restore {

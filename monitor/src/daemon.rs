@@ -195,7 +195,9 @@ impl Monitor {
                 })
             }
             ControlRequest::Pause => return self.vmm.call(Request::Pause),
-            ControlRequest::Snapshot { out, parent } => return self.vmm.call(Request::Snapshot { out, parent }),
+            ControlRequest::Snapshot { out, parent, clone } => {
+                return self.vmm.call(Request::Snapshot { out, parent, clone })
+            }
             ControlRequest::Restore { dir, paused } => return self.vmm.call(Request::Restore { dir, paused }),
             ControlRequest::Resume => return self.vmm.call(Request::Resume),
             ControlRequest::Regs { vcpu } => {

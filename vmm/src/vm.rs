@@ -24,7 +24,7 @@ use crate::api::{ApiServer, BootHandles, ConsoleTee, CurrentBoot, DeviceHandle, 
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, Tap};
-use crate::devices::virtio::{EventFdIrq, VirtioDevice};
+use crate::devices::virtio::{EventFdIrq, VirtioDevice, VirtioError};
 use crate::devices::{MmioBus, PioBus};
 use crate::error::VmmError;
 use crate::lifecycle::{self, EventReceiver, EventSender, VmEvent};
@@ -89,6 +89,7 @@ pub fn run(
         None => None,
     };
     let boots = AtomicU64::new(0);
+    let disks = Arc::new(Mutex::new(config.disks.clone()));
     let msr_indices = Arc::new(snapshot::vcpu::msr_index_list(&kvm)?);
     let restore_slot = RestoreSlot::default();
     // A snapshot to start from: checked (CLI) and loaded before any VM.
@@ -104,6 +105,7 @@ pub fn run(
             hub: hub.clone(),
             number: boots.fetch_add(1, Ordering::Relaxed) + 1,
             taps: &taps,
+            disks: disks.clone(),
         };
         let console_out: ConsoleOut = Box::new(ConsoleTee::new(make_console(), hub.clone()));
         let (restore_reply, boot) = match pending.take() {
@@ -255,6 +257,9 @@ struct BootContext<'a> {
     hub: EventHub,
     number: u64,
     taps: &'a [Tap],
+    /// The disk files to open (shared with the API: a clone point moves
+    /// the VM onto overlays).
+    disks: Arc<Mutex<Vec<crate::config::DiskConfig>>>,
 }
 
 /// The virtio devices of one boot.
@@ -273,7 +278,8 @@ struct VirtioDevices {
 fn attach_virtio(
     vm: &VmFd,
     ram: &GuestRam,
-    config: &VmConfig,
+    disks: &[crate::config::DiskConfig],
+    nets: &[crate::config::NetConfig],
     taps: &[Tap],
     saved: Option<&DevicesState>,
 ) -> Result<VirtioDevices, VmmError> {
@@ -297,9 +303,16 @@ fn attach_virtio(
         Ok((slot, Box::new(EventFdIrq(irq))))
     };
     let restore_err = |device: String, reason: String| VmmError::Snapshot(SnapshotError::DeviceRestore { device, reason });
-    for (i, disk) in config.disks.iter().enumerate() {
+    for (i, disk) in disks.iter().enumerate() {
         let (slot, irq) = next_slot(vm)?;
-        let block = Block::open(&disk.path, disk.read_only).map_err(|e| VmmError::Disk(e.to_string()))?;
+        let block = match saved.and_then(|s| s.blocks.get(i)) {
+            // The guest keeps the disk serial it saw.
+            Some((_, bs)) => crate::devices::virtio::disk::open_image(&disk.path, disk.read_only)
+                .map_err(VirtioError::from)
+                .and_then(|img| Block::from_state(bs, img)),
+            None => Block::open(&disk.path, disk.read_only),
+        }
+        .map_err(|e| VmmError::Disk(e.to_string()))?;
         let stats = block.stats();
         let name = format!("vd{}", (b'a' + i as u8) as char);
         let transport = match saved.and_then(|s| s.blocks.get(i)) {
@@ -312,7 +325,7 @@ fn attach_virtio(
         devs.blocks.push(transport);
         devs.handles.push(DeviceHandle { info: DeviceInfo { name, kind: "virtio-blk".into() }, stats });
     }
-    for (i, (net, tap)) in config.nets.iter().zip(taps).enumerate() {
+    for (i, (net, tap)) in nets.iter().zip(taps).enumerate() {
         let (slot, irq) = next_slot(vm)?;
         let tap = tap.try_clone().map_err(|e| VmmError::Net(format!("tap {}: {e}", net.tap)))?;
         let fd = tap.as_raw_fd();
@@ -431,7 +444,8 @@ fn build_devices(
     let restore_err = |device: &str, reason: String| {
         VmmError::Snapshot(SnapshotError::DeviceRestore { device: device.into(), reason })
     };
-    let virtio = attach_virtio(vm, ram, config, ctx.taps, saved)?;
+    let disks = lock_device(&ctx.disks).clone();
+    let virtio = attach_virtio(vm, ram, &disks, &config.nets, ctx.taps, saved)?;
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     vm.register_irqfd(&serial_irq, COM1_GSI).map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
     let serial = match saved {
@@ -620,6 +634,7 @@ impl Boot {
             kernel: std::path::absolute(&config.kernel).unwrap_or_else(|_| config.kernel.clone()),
             device_set: devices.set.clone(),
             config: config.clone(),
+            disks: ctx.disks.clone(),
             msr_indices: msr_indices.clone(),
             snapshot_lock: Mutex::new(()),
             dirty_log_on: std::sync::atomic::AtomicBool::new(false),

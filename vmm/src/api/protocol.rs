@@ -93,6 +93,11 @@ pub enum Request {
         out: std::path::PathBuf,
         #[serde(default)]
         parent: Option<std::path::PathBuf>,
+        /// A clone point: the snapshot's writable disks become fresh
+        /// overlays for a clone named `clone.name`, and this VM moves onto
+        /// overlays of its own; both are created in `clone.dir`.
+        #[serde(default)]
+        clone: Option<CloneSpec>,
     },
     /// In-place restore: replaces this VM's memory, vCPUs and devices with
     /// the snapshot's; the VMM process, this socket, the taps and disks
@@ -110,6 +115,12 @@ pub enum Request {
     /// Writes a new random VM generation ID and notifies the guest, whose
     /// vmgenid driver then reseeds its RNG: what a restore or clone does.
     RegenerateVmId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneSpec {
+    pub dir: std::path::PathBuf,
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

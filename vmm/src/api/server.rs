@@ -53,6 +53,9 @@ pub struct BootHandles {
     /// Every device, for snapshots.
     pub device_set: Arc<crate::devices::set::DeviceSet>,
     pub config: crate::config::VmConfig,
+    /// The disk files in use now: a clone point moves a VM onto overlays,
+    /// and later boots (a reboot) open those.
+    pub disks: Arc<Mutex<Vec<crate::config::DiskConfig>>>,
     /// The MSRs a snapshot saves (KVM's list, read once per VMM).
     pub msr_indices: Arc<Vec<u32>>,
     /// One snapshot (or dirty-log user) at a time: both own the dirty log.
@@ -510,7 +513,7 @@ fn dispatch_vm(b: &BootHandles, hub: &EventHub, req: Request) -> Outcome {
             })?;
             Reply::Bytes { gpa, hex: hex(&data) }
         }
-        Request::Snapshot { out, parent } => snapshot(b, hub, out, parent)?,
+        Request::Snapshot { out, parent, clone } => snapshot(b, hub, out, parent, clone)?,
         Request::Restore { dir, paused } => restore_in_place(b, dir, paused)?,
         Request::DirtyLog { action } => dirty_log(b, action)?,
         Request::RegenerateVmId => {
@@ -559,7 +562,13 @@ impl ProgressEvents<'_> {
     }
 }
 
-fn snapshot(b: &BootHandles, hub: &EventHub, out: PathBuf, parent: Option<PathBuf>) -> Result<Reply, ApiError> {
+fn snapshot(
+    b: &BootHandles,
+    hub: &EventHub,
+    out: PathBuf,
+    parent: Option<PathBuf>,
+    clone: Option<CloneSpec>,
+) -> Result<Reply, ApiError> {
     use crate::snapshot::{create, SavedConfig, SavedDisk};
     let _one = b.snapshot_lock.try_lock().map_err(|_| {
         ApiError::new(ErrorCode::WrongState, "another snapshot of this VM is in progress: wait for it to finish")
@@ -570,7 +579,8 @@ fn snapshot(b: &BootHandles, hub: &EventHub, out: PathBuf, parent: Option<PathBu
     wait_memory_loaded(b)?;
     let c = &b.config;
     let mut disks = Vec::new();
-    for d in &c.disks {
+    let current_disks = b.disks.lock().map_err(|_| failed("disk list", "lock poisoned"))?.clone();
+    for d in &current_disks {
         let identity = crate::devices::virtio::block::DiskIdentity::of(&d.path)
             .map_err(|e| failed(&format!("reading disk {}", d.path.display()), e))?;
         disks.push(SavedDisk { config: d.clone(), identity });
@@ -592,9 +602,14 @@ fn snapshot(b: &BootHandles, hub: &EventHub, out: PathBuf, parent: Option<PathBu
         devices: &b.device_set,
         config,
         msr_indices: &b.msr_indices,
+        disks: &b.disks,
     };
+    let clone = clone.map(|c| create::CloneDisks { dir: c.dir, origin: c.name.clone(), clone: c.name }).map(|mut c| {
+        c.origin = if b.config.name.is_empty() { "origin".into() } else { b.config.name.clone() };
+        c
+    });
     let mut progress = ProgressEvents { hub, last: None };
-    let report = create::create(&src, &create::CreateOptions { out, parent }, &mut |p| progress.report(p))
+    let report = create::create(&src, &create::CreateOptions { out, parent, clone }, &mut |p| progress.report(p))
         .map_err(|e| {
             let code = match &e {
                 crate::snapshot::SnapshotError::Exists(_) => ErrorCode::WrongState,

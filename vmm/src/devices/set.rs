@@ -52,7 +52,42 @@ impl DeviceSet {
     }
 }
 
+/// Where a clone point put a disk: the origin VM now writes `origin`, the
+/// clone starts on `clone`; both are overlays over the frozen file.
+#[derive(Clone, Debug)]
+pub struct ForkedDisk {
+    pub index: usize,
+    pub origin: std::path::PathBuf,
+    pub clone: std::path::PathBuf,
+    pub clone_identity: crate::devices::virtio::block::DiskIdentity,
+}
+
 impl LockedDevices<'_> {
+    /// A clone point (VM paused): every writable disk continues on a new
+    /// overlay `<dir>/vdX.<origin>.ovl` over its current file, which is
+    /// frozen from now on, and gets a twin `<dir>/vdX.<clone>.ovl` for the
+    /// clone. Read-only disks are shared as they are.
+    pub fn fork_disks(&mut self, dir: &std::path::Path, origin: &str, clone: &str) -> Result<Vec<ForkedDisk>, SnapshotError> {
+        use crate::devices::virtio::overlay::Overlay;
+        let mut out = Vec::new();
+        for (index, b) in self.blocks.iter_mut().enumerate() {
+            let dev = b.device_mut();
+            if dev.read_only() {
+                continue;
+            }
+            let letter = (b'a' + index as u8) as char;
+            let origin_path = dir.join(format!("vd{letter}.{origin}.ovl"));
+            let clone_path = dir.join(format!("vd{letter}.{clone}.ovl"));
+            let fail = |e: String| SnapshotError::Device { device: format!("vd{letter}"), reason: e };
+            let frozen = dev.fork(&origin_path).map_err(|e| fail(e.to_string()))?;
+            Overlay::create(&frozen.path, &clone_path).map_err(|e| fail(e.to_string()))?;
+            let clone_identity =
+                crate::devices::virtio::block::DiskIdentity::of(&clone_path).map_err(|e| fail(e.to_string()))?;
+            out.push(ForkedDisk { index, origin: origin_path, clone: clone_path, clone_identity });
+        }
+        Ok(out)
+    }
+
     /// Every device's state; a device that cannot say its state fails the
     /// whole snapshot with its name.
     pub fn state(&self) -> Result<DevicesState, SnapshotError> {

@@ -42,13 +42,26 @@ pub struct Source<'a> {
     pub control: &'a VcpuControl,
     pub memory: &'a GuestMemory,
     pub devices: &'a DeviceSet,
+    /// Disks as configured; identities are read during the pause.
     pub config: SavedConfig,
     pub msr_indices: &'a [u32],
+    /// The disk files the VM uses now (a clone point changes them).
+    pub disks: &'a std::sync::Mutex<Vec<crate::config::DiskConfig>>,
 }
 
 pub struct CreateOptions {
     pub out: PathBuf,
     pub parent: Option<PathBuf>,
+    /// A clone point: the snapshot's disks become new overlays for the
+    /// clone, and this VM moves onto overlays of its own (`fork_disks`).
+    pub clone: Option<CloneDisks>,
+}
+
+/// Where a clone point puts the disk overlays, and the two VMs' names.
+pub struct CloneDisks {
+    pub dir: PathBuf,
+    pub origin: String,
+    pub clone: String,
 }
 
 /// Where a snapshot is, for progress reports.
@@ -223,7 +236,7 @@ pub fn create(
     let pause_start = Instant::now();
     let (was_paused, _) = src.control.pause();
     let captured = (|| {
-        let _devices = src.devices.lock_all();
+        let mut _devices = src.devices.lock_all();
         memory::take_dirty(src.vm, src.memory, &mut dirty)?;
         let last = dirty.count();
         let s = memory::write_pages(src.memory, &file, &dirty, false, &mut |_| {})?;
@@ -239,13 +252,30 @@ pub fn create(
         }
         let vm = VmState::save(src.vm)?;
         let devices = _devices.state()?;
-        Ok::<_, SnapshotError>((vcpus, vm, devices, s.bytes_written, last))
+        let mut config = src.config.clone();
+        // The disks as they were at this instant (guest writes stopped).
+        for (d, (_, b)) in config.disks.iter_mut().zip(&devices.blocks) {
+            d.identity = b.image.clone();
+        }
+        if let Some(c) = &opts.clone {
+            std::fs::create_dir_all(&c.dir).map_err(|e| SnapshotError::Io(format!("creating {}", c.dir.display()), e))?;
+            let forked = _devices.fork_disks(&c.dir, &c.origin, &c.clone)?;
+            let mut now = src.disks.lock().unwrap_or_else(|p| p.into_inner());
+            for f in forked {
+                if let (Some(d), Some(cur)) = (config.disks.get_mut(f.index), now.get_mut(f.index)) {
+                    cur.path = f.origin.clone();
+                    d.config.path = f.clone.clone();
+                    d.identity = f.clone_identity.clone();
+                }
+            }
+        }
+        Ok::<_, SnapshotError>((vcpus, vm, devices, config, s.bytes_written, last))
     })();
     if !was_paused {
         src.control.resume();
     }
     let pause = pause_start.elapsed();
-    let (vcpus, vm, devices, last_bytes, last_pages) = captured?;
+    let (vcpus, vm, devices, config, last_bytes, last_pages) = captured?;
     written.bytes_written += last_bytes;
     drop(_off);
 
@@ -255,7 +285,7 @@ pub fn create(
         id: id.clone(),
         parent: parent.as_ref().map(|p| p.1.clone()),
         manifest_crc: 0,
-        config: src.config.clone(),
+        config: config.clone(),
         memory: MemoryState { ranges, pages: parent.as_ref().map(|_| layer.clone()) },
         vcpus,
         vm,
@@ -267,13 +297,13 @@ pub fn create(
         format: format::FORMAT_VERSION,
         dvisor_version: format::writer_version().into(),
         id: id.clone(),
-        vm_name: src.config.vm_name.clone(),
+        vm_name: config.vm_name.clone(),
         created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        kernel: src.config.kernel.clone(),
-        initrd: src.config.initrd.clone(),
-        cmdline: src.config.cmdline.clone(),
-        vcpus: u32::from(src.config.vcpus),
-        mem_mib: src.config.mem_mib,
+        kernel: config.kernel.clone(),
+        initrd: config.initrd.clone(),
+        cmdline: config.cmdline.clone(),
+        vcpus: u32::from(config.vcpus),
+        mem_mib: config.mem_mib,
         disks: src
             .config
             .disks
@@ -285,7 +315,7 @@ pub fn create(
                 identity: d.identity.to_string(),
             })
             .collect(),
-        nets: src.config.nets.iter().map(|n| n.tap.clone()).collect(),
+        nets: config.nets.iter().map(|n| n.tap.clone()).collect(),
         parent: state.parent.clone(),
         kind,
         memory_pages: layer.count(),

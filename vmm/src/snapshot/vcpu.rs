@@ -184,12 +184,15 @@ const FEATURE_WORDS: &[(u32, u32, Reg, &str)] = &[
     (0x8000_0001, 0, Reg::Edx, "CPUID.0x80000001:EDX"),
 ];
 
-/// Bits we set ourselves (cpu.rs), not from KVM's supported list: the
-/// hypervisor bit and HTT in leaf 1.
+/// Bits that are not features of the host: the hypervisor bit and HTT,
+/// which we set ourselves (cpu.rs), and the bits KVM derives from the
+/// guest's own control registers, OSXSAVE (CR4.OSXSAVE) and OSPKE
+/// (CR4.PKE), which the restored CR4 sets again.
 fn own_bits(leaf: u32, r: Reg) -> u32 {
     match (leaf, r) {
-        (1, Reg::Ecx) => 1 << 31,
+        (1, Reg::Ecx) => (1 << 31) | (1 << 27),
         (1, Reg::Edx) => 1 << 28,
+        (7, Reg::Ecx) => 1 << 4,
         _ => 0,
     }
 }
