@@ -4,6 +4,7 @@ mod bench_api;
 mod bench_patch;
 mod bench_vm;
 mod bench_vmi;
+mod clone_cmd;
 mod disk_cmd;
 mod images;
 mod monitor_cmd;
@@ -74,6 +75,8 @@ enum Cmd {
     /// Snapshots of running VMs: create, verify, list, rm, merge, restore in place.
     #[command(subcommand)]
     Snapshot(snapshot_cmd::SnapshotCmd),
+    /// Start a second, independent VM from a live snapshot of a running one.
+    Clone(clone_cmd::CloneArgs),
     /// Run one system call inside a guest process (debugging aid).
     #[command(hide = true)]
     Syscall(vmi_cmd::SyscallArgs),
@@ -108,6 +111,7 @@ fn main() {
         Cmd::Syscall(a) => vmi_cmd::syscall(a),
         Cmd::Patch(c) => vmi_cmd::patch(c),
         Cmd::Snapshot(c) => snapshot_cmd::run(c),
+        Cmd::Clone(a) => clone_cmd::clone(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -270,3 +270,64 @@ fn corruptions_are_refused(good: &Path, name: &str) {
         expect_refused(&d, name, what);
     }
 }
+
+/// Types `cmd` at a guest shell and returns its output lines.
+fn guest(c: &mut Console, cmd: &str, tag: &str) -> Vec<String> {
+    common::run_in_guest(c, cmd, tag)
+}
+
+#[test]
+fn clones_are_independent() {
+    if common::rerun_in_carrier("clones_are_independent") {
+        return;
+    }
+    common::carrier_reruns("clones_are_independent", clone_body);
+}
+
+fn clone_body() {
+    let root = snap_root().join("clone");
+    std::fs::create_dir_all(&root).unwrap();
+    let disk = root.join("data.raw");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    let name = format!("orig{}", std::process::id());
+    let twin = format!("twin{}", std::process::id());
+    let disk_arg = disk.display().to_string();
+    let mut a = Console::start(&["--name", &name, "--disk", &disk_arg]);
+    let shell = a.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
+    a.wait_prompt(shell, "guest# ");
+    common::wait_monitor(&mut a, &name);
+    guest(&mut a, "echo before-clone > /tmp/m && dd if=/tmp/m of=/dev/vda conv=fsync 2>/dev/null", "W0");
+
+    let dir = root.join("clones");
+    let mut b = Console::start_cmd("clone", &["--vm", &name, "--as", &twin, "--dir", dir.to_str().unwrap()]);
+    let first = first_beat(&b, 0);
+    assert_no_boot(&b);
+    // Both run on.
+    let a_mark = a.line_count();
+    let a_next = first_beat(&a, a_mark);
+    assert!(a_next > 0 && first > 0);
+    let shell = b.line_count();
+    b.type_line("");
+    b.wait_prompt(shell, "guest# ");
+
+    // Writes after the clone stay with their VM.
+    guest(&mut a, "echo only-in-a > /tmp/m && dd if=/tmp/m of=/dev/vda conv=fsync 2>/dev/null", "WA");
+    guest(&mut b, "echo only-in-b > /tmp/m && dd if=/tmp/m of=/dev/vda seek=8 conv=fsync 2>/dev/null", "WB");
+    let seen_a = guest(&mut a, "dd if=/dev/vda bs=512 count=9 2>/dev/null | tr -s '\\000' '\\n'", "RA").join("\n");
+    let seen_b = guest(&mut b, "dd if=/dev/vda bs=512 count=9 2>/dev/null | tr -s '\\000' '\\n'", "RB").join("\n");
+    assert!(seen_a.contains("only-in-a") && !seen_a.contains("only-in-b"), "VM a's disk: {seen_a}");
+    assert!(seen_b.contains("before-clone") && !seen_b.contains("only-in-a") && seen_b.contains("only-in-b"), "the clone's disk: {seen_b}");
+    // The disk as it was at the clone point stays untouched underneath.
+    let base = std::fs::read(&disk).unwrap();
+    assert_eq!(&base[..13], b"before-clone\n", "the frozen base changed");
+
+    // The clone's kernel reseeded: the two RNGs differ.
+    std::thread::sleep(Duration::from_secs(1));
+    let ra = guest(&mut a, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo", "UA");
+    let rb = guest(&mut b, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo", "UB");
+    assert_ne!(ra, rb, "the clone's /dev/urandom repeats the original's");
+    assert!(dvisor_json(&["status", "--vm", &twin])["vm"]["state"] == "running");
+    b.kill9();
+    a.kill9();
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -44,8 +44,13 @@ pub struct Console {
 
 impl Console {
     pub fn start(args: &[&str]) -> Console {
+        Console::start_cmd("run", args)
+    }
+
+    /// A console command other than `run` (e.g. `clone`).
+    pub fn start_cmd(cmd: &str, args: &[&str]) -> Console {
         let mut child = dvisor()
-            .arg("run")
+            .arg(cmd)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
