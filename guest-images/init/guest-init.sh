@@ -1,7 +1,7 @@
 #!/bin/sh
 # /init of the dvisor default guest: PID 1, busybox sh.
 # Mounts the kernel filesystems, reports what it sees on the console, loads
-# evdev (and the virtio drivers when there is a virtio-mmio device),
+# vmgenid-watch, evdev (and the virtio drivers when there is a virtio-mmio device),
 # configures eth0 from `dvisor.ip=`, starts a shell reading the keyboard's
 # VT (tty1) and the demo service, then keeps an interactive shell on the
 # serial console.
@@ -20,6 +20,12 @@ ip link set lo up 2>/dev/null
 
 echo "dvisor-guest: init"
 echo "dvisor-guest: cpus=$(grep -c '^processor' /proc/cpuinfo)"
+
+# The cloud kernel has no vmgenid driver: vmgenid-watch reseeds the RNG when
+# the VM generation ID changes (snapshot restore, clone). It logs to dmesg
+# only, never to the console, and exits at once where the kernel has the
+# driver. Started early so a clone of an early snapshot is covered too.
+/usr/bin/vmgenid-watch </dev/null >/dev/null &
 
 # evdev on every boot: the PS/2 keyboard (atkbd, built in) then gets
 # /dev/input/event0 (read it with /usr/bin/evread).

@@ -1,6 +1,6 @@
 //! The default guest image: Debian cloud kernel (bzImage + extracted
 //! vmlinux), a busybox initramfs with /init, the demo service and the
-//! `evread` key reader, the virtio modules (loaded when the VMM describes a
+//! `evread` key reader, `vmgenid-watch`, the virtio modules (loaded when the VMM describes a
 //! virtio-mmio device) and evdev (always loaded), and an empty data disk.
 
 use std::collections::BTreeMap;
@@ -20,7 +20,8 @@ use crate::{kernel_payload, modules, service};
 /// 3: /usr/bin/spin-demo (static-pie), `programs`, sample patches.
 /// 4: programs built with `-flive-patching=inline-clone`; `callback` calls a
 ///    function of its own.
-pub const FORMAT_VERSION: u32 = 4;
+/// 5: /usr/bin/vmgenid-watch, started by /init.
+pub const FORMAT_VERSION: u32 = 5;
 pub const MANIFEST_FORMAT: &str = "dvisor-guest-image";
 pub const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// The kernel command line the VMM should use by default.
@@ -139,6 +140,8 @@ fn recipe_key() -> String {
         service::EVREAD_GCC_FLAGS.join(" ").as_bytes(),
         service::SPIN_SOURCE.as_bytes(),
         service::SPIN_GCC_FLAGS.join(" ").as_bytes(),
+        service::VMGENID_WATCH_SOURCE.as_bytes(),
+        service::VMGENID_WATCH_GCC_FLAGS.join(" ").as_bytes(),
         service::PATCH_GCC_FLAGS.join(" ").as_bytes(),
         &service::SAMPLE_PATCHES.iter().flat_map(|p| [p.name, p.source, p.commands]).collect::<String>().into_bytes(),
         INIT_SCRIPT.as_bytes(),
@@ -190,11 +193,13 @@ pub fn build_guest_image(opts: &BuildOptions) -> Result<GuestImage, ImageError> 
     std::fs::write(out.join(F_VMLINUX), &vmlinux).at(out.join(F_VMLINUX))?;
     drop((image_bytes, vmlinux));
 
-    progress.step("compiling the demo service, evread and spin-demo (gcc -static), and the sample patches");
+    progress.step("compiling the demo service, evread, spin-demo and vmgenid-watch (gcc -static), and the sample patches");
     service::compile(&work, &out.join(F_SERVICE))?;
     let evread_bin = work.join("evread");
     service::compile_evread(&work, &evread_bin)?;
     service::compile_spin(&work, &out.join(F_SPIN))?;
+    let watch_bin = work.join("vmgenid-watch");
+    service::compile_vmgenid_watch(&work, &watch_bin)?;
     let patches = out.join(D_PATCHES);
     std::fs::create_dir_all(&patches).at(&patches)?;
     for sample in service::SAMPLE_PATCHES {
@@ -220,6 +225,8 @@ pub fn build_guest_image(opts: &BuildOptions) -> Result<GuestImage, ImageError> 
     w.file(service::EVREAD_GUEST_PATH, 0o755, &evread).map_err(io)?;
     let spin = std::fs::read(out.join(F_SPIN)).at(out.join(F_SPIN))?;
     w.file(service::SPIN_GUEST_PATH, 0o755, &spin).map_err(io)?;
+    let watch = std::fs::read(&watch_bin).at(&watch_bin)?;
+    w.file(service::VMGENID_WATCH_GUEST_PATH, 0o755, &watch).map_err(io)?;
     let release = pkgs.kernel.release.clone();
     base::add_modules(&mut w, &release, &mods, &format!("lib/modules/{release}/{VIRTIO_LIST}"), "")?;
     // Each module file goes in once; both lists name theirs in load order.
@@ -344,6 +351,7 @@ mod tests {
         let order = [
             "dvisor-guest: init",
             "dvisor-guest: cpus=",
+            "/usr/bin/vmgenid-watch",
             "load-modules dvisor-boot-modules",
             "/sbin/load-virtio-modules",
             "dvisor.ip=*)",

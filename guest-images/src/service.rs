@@ -5,6 +5,8 @@
 //! - `evread`, a tiny evdev key reader (`/usr/bin/evread`);
 //! - `spin-demo`, a static-pie program whose thread sits inside functions
 //!   on demand (the patcher's safety checks and PIE load base);
+//! - `vmgenid-watch`, which reseeds the RNG when the VM generation ID
+//!   changes, for kernels without the vmgenid driver (the cloud kernel);
 //! - the sample live patches of the demo service (`guest-images/patches`),
 //!   compiled into patch objects for the host side.
 
@@ -35,6 +37,11 @@ pub const SPIN_SOURCE: &str = include_str!("../service/spin-demo.c");
 pub const SPIN_GUEST_PATH: &str = "/usr/bin/spin-demo";
 /// Position-independent on purpose: its load base differs on every run.
 pub const SPIN_GCC_FLAGS: &[&str] = &["-static-pie", "-fpie", "-O2", "-g", LIVE_PATCHING_FLAG, "-Wall", "-Wextra"];
+
+pub const VMGENID_WATCH_SOURCE: &str = include_str!("../service/vmgenid-watch.c");
+/// Where vmgenid-watch lives inside the guest (/init starts it).
+pub const VMGENID_WATCH_GUEST_PATH: &str = "/usr/bin/vmgenid-watch";
+pub const VMGENID_WATCH_GCC_FLAGS: &[&str] = &["-static", "-O2", "-s", "-Wall", "-Wextra"];
 
 /// The flags docs/patching.md gives for patch objects.
 pub const PATCH_GCC_FLAGS: &[&str] =
@@ -84,6 +91,11 @@ pub fn compile_spin(work: &Path, out: &Path) -> Result<(), ImageError> {
     compile_c(work, "spin-demo", "spin-demo.c", SPIN_SOURCE, SPIN_GCC_FLAGS, out)
 }
 
+/// Compiles vmgenid-watch into `out`.
+pub fn compile_vmgenid_watch(work: &Path, out: &Path) -> Result<(), ImageError> {
+    compile_c(work, "vmgenid-watch", "vmgenid-watch.c", VMGENID_WATCH_SOURCE, VMGENID_WATCH_GCC_FLAGS, out)
+}
+
 /// Compiles one sample patch into the object `out`, and writes its source
 /// and command file beside it.
 pub fn compile_sample(work: &Path, sample: &SamplePatch, out_dir: &Path) -> Result<(), ImageError> {
@@ -131,25 +143,38 @@ mod tests {
         assert!(!super::is_missing_libc("demo.c:3: error: expected ';'"));
     }
 
-    /// evread must build without a single warning under -Wall -Wextra.
+    /// evread and vmgenid-watch must build without a single warning under
+    /// -Wall -Wextra.
     #[test]
-    fn evread_compiles_without_warnings() {
+    fn helpers_compile_without_warnings() {
         if std::process::Command::new("gcc").arg("--version").output().is_err() {
             eprintln!("gcc not installed; skipped");
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("evread.c");
-        std::fs::write(&src, super::EVREAD_SOURCE).unwrap();
-        // Not static: the check is about warnings, and static libc may be absent.
-        let out = std::process::Command::new("gcc")
-            .args(["-O2", "-Wall", "-Wextra", "-Werror", "-c", "-o"])
-            .arg(dir.path().join("evread.o"))
-            .arg(&src)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+        for (name, source) in [("evread", super::EVREAD_SOURCE), ("vmgenid-watch", super::VMGENID_WATCH_SOURCE)] {
+            let src = dir.path().join(format!("{name}.c"));
+            std::fs::write(&src, source).unwrap();
+            // Not static: the check is about warnings, and static libc may be absent.
+            let out = std::process::Command::new("gcc")
+                .args(["-O2", "-Wall", "-Wextra", "-Werror", "-c", "-o"])
+                .arg(dir.path().join(format!("{name}.o")))
+                .arg(&src)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(out.stderr.is_empty(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
+    /// The address and the kmsg line that docs/images.md and the VMM agree on.
+    #[test]
+    fn vmgenid_watch_contract() {
+        let s = super::VMGENID_WATCH_SOURCE;
+        assert!(s.contains("#define VMGENID_ADDR 0xFE000"));
+        assert!(s.contains("#define POLL_MS 20"));
+        assert!(s.contains("\"ID changed, crng reseeded\""));
+        assert!(s.contains("/sys/bus/acpi/drivers/vmgenid"));
     }
 
     #[test]
