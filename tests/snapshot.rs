@@ -80,7 +80,11 @@ fn snapshot_and_restore_body() {
     let name = format!("snap{}", std::process::id());
     let net = format!("tap={TAP}");
     let cmd = cmdline();
-    let mut c = Console::start(&["--name", &name, "--net", &net, "--cmdline", &cmd]);
+    // A data disk the guest leaves alone: restore checks its identity.
+    let disk = root.join("data.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = disk.display().to_string();
+    let mut c = Console::start(&["--name", &name, "--net", &net, "--cmdline", &cmd, "--disk", &disk_arg]);
     let shell = c.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
     c.wait_prompt(shell, "guest# ");
     common::wait_monitor(&mut c, &name);
@@ -207,6 +211,11 @@ fn snapshot_and_restore_body() {
     r2.kill9();
 
     corruptions_are_refused(&full, &name);
+    // Last, as it changes the disk for good: a disk that grew.
+    let grown = root.join("bad-disk");
+    copy_snapshot(&full, &grown);
+    common::sh(&format!("truncate -s +512 {}", disk.display()));
+    expect_refused(&grown, &name, "changed since the snapshot");
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -67,18 +67,25 @@ static void log_line(int level, const char *fmt, ...)
 		return;
 	va_list ap;
 	va_start(ap, fmt);
-	int m = vsnprintf(line + n, sizeof line - n, fmt, ap);
+	/* Leave room for the newline: a truncated message is still worth logging. */
+	int m = vsnprintf(line + n, sizeof line - n - 1, fmt, ap);
 	va_end(ap);
 	if (m < 0)
 		return;
+	/*
+	 * The newline ends the record: without it printk keeps the record open
+	 * for a continuation, and dmesg shows it only once the next one comes.
+	 */
 	size_t len = strlen(line);
+	line[len++] = '\n';
+	line[len] = '\0';
 	if (kmsg_fd >= 0) {
-		/* One write() is one record in /dev/kmsg; a failure has nowhere better to go. */
+		/* One write() is one record in /dev/kmsg; on failure fall back to stderr. */
 		if (write(kmsg_fd, line, len) == (ssize_t)len)
 			return;
 	}
 	/* Without the "<N>" prefix; stderr is the last resort, so its errors are dropped. */
-	(void)fprintf(stderr, "%s\n", line + n - strlen("vmgenid-watch: "));
+	(void)fputs(line + n - strlen("vmgenid-watch: "), stderr);
 }
 
 /* Reads the ID; 0 on success, else -1 with errno set (EIO for a short read). */

@@ -82,6 +82,20 @@ impl Monitor {
         Ok(())
     }
 
+    /// A reboot or restore: new memory, kernel found again, patches of the
+    /// old boot forgotten. Idempotent for the same boot.
+    fn after_new_boot(&self) {
+        let old = self.memory.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.boot);
+        if let Err(e) = self.remap() {
+            tracing::warn!("remapping guest memory after a reboot or restore: {e}");
+        }
+        let boot = self.memory.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.boot);
+        if boot != old || boot.is_none() {
+            self.forget_kernel_view();
+            self.reset_patches(boot.unwrap_or(0));
+        }
+    }
+
     pub fn vmm(&self) -> &VmmClient {
         &self.vmm
     }
@@ -130,12 +144,7 @@ impl Monitor {
         for ev in events {
             self.events_seen.fetch_add(1, Ordering::Relaxed);
             if let Event::Lifecycle { what: Lifecycle::Boot, .. } = &ev {
-                self.forget_kernel_view();
-                if let Err(e) = self.remap() {
-                    tracing::warn!("remapping guest memory after a reboot: {e}");
-                }
-                let boot = self.memory.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.boot).unwrap_or(0);
-                self.reset_patches(boot);
+                self.after_new_boot();
             }
             {
                 let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -198,7 +207,14 @@ impl Monitor {
             ControlRequest::Snapshot { out, parent, clone } => {
                 return self.vmm.call(Request::Snapshot { out, parent, clone })
             }
-            ControlRequest::Restore { dir, paused } => return self.vmm.call(Request::Restore { dir, paused }),
+            ControlRequest::Restore { dir, paused } => {
+                let reply: serde_json::Value = self.vmm.call(Request::Restore { dir, paused })?;
+                // The restored VM has a new memfd and maybe another kernel
+                // layout. The boot event says so too, but later: a request
+                // right after this reply must not read the old memory.
+                self.after_new_boot();
+                return Ok(reply);
+            }
             ControlRequest::Resume => return self.vmm.call(Request::Resume),
             ControlRequest::Regs { vcpu } => {
                 let vcpus = match vcpu {
