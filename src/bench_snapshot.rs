@@ -117,6 +117,8 @@ struct QemuSave {
     total_ms: Option<f64>,
     downtime_ms: Option<f64>,
     file_mib: f64,
+    /// QEMU's whole `query-migrate` answer, for the record.
+    query_migrate: Value,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -628,6 +630,20 @@ impl Bench<'_> {
             }
         };
         let command_ms = t.elapsed().as_secs_f64() * 1e3;
+        // QEMU 7.2 reports `completed` a moment before it fills in
+        // total-time and downtime (both 0 until then): ask again.
+        let mut info = info;
+        for _ in 0..100 {
+            if info["total-time"].as_u64().is_some_and(|v| v > 0) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            info = match qmp.call("query-migrate", json!({}))? {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(format!("query-migrate: {e}"))),
+            };
+        }
+        let reported = info["total-time"].as_u64().is_some_and(|v| v > 0);
         // `completed` means QEMU wrote everything to cat's pipe; cat may
         // still be flushing, so the size is read when it stops growing.
         let mut size = 0;
@@ -641,9 +657,10 @@ impl Bench<'_> {
         }
         Ok(Ok(QemuSave {
             command_ms,
-            total_ms: info["total-time"].as_f64(),
-            downtime_ms: info["downtime"].as_f64(),
+            total_ms: info["total-time"].as_f64().filter(|_| reported),
+            downtime_ms: info["downtime"].as_f64().filter(|_| reported),
             file_mib: size as f64 / (1 << 20) as f64,
+            query_migrate: info,
         }))
     }
 }
@@ -1021,6 +1038,7 @@ fn print_table(r: &Report) {
         "qemu save total / dvisor snapshot total",
         each(&|s| Some(times(q(s)?.save_total_median_ms? / s.total_median_ms))),
     );
+    row("qemu downtime / dvisor pause", each(&|s| Some(times(q(s)?.save_downtime_median_ms? / s.pause_median_ms))));
     println!(
         "goals: restore >= {RESTORE_SPEEDUP_GOAL:.0}x sooner than a cold boot (lazy, every size): {}{}{}",
         met(r.goals.restore_speedup_met),
