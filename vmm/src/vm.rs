@@ -552,6 +552,9 @@ impl Boot {
         let ram = GuestRam::new(config.mem_mib << 20)?;
         let load = snapshot::restore::load_memory(&ram, chain)?;
         let vm = new_vm(kvm, &ram)?;
+        if load.lazy.is_some() {
+            snapshot::restore::prefault_kvm_pages(&ram.memory, state);
+        }
         let devices = build_devices(&vm, &ram, config, ctx, console_out, Some(&state.devices))?;
         state.vm.restore(&vm)?;
         input.set(Some(devices.set.serial.clone()));

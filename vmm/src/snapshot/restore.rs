@@ -70,6 +70,30 @@ pub fn check_host_cpu(state: &super::SnapshotState) -> Result<(), SnapshotError>
     Ok(())
 }
 
+/// KVM's paravirtual MSRs that hold a guest-physical address KVM itself
+/// reads or writes from kernel context (kvmclock, steal time, async page
+/// faults, PV EOI), some of it with page faults disabled, where a page
+/// still waiting for the lazy loader cannot be served; bit 0 and the low
+/// flag bits are not part of the address.
+const KVM_PV_MSRS: &[u32] = &[0x11, 0x12, 0x4b56_4d00, 0x4b56_4d01, 0x4b56_4d02, 0x4b56_4d03, 0x4b56_4d04];
+
+/// Loads the pages KVM touches on its own (see `KVM_PV_MSRS`) before any
+/// vCPU runs, so that with lazy loading they are present by then.
+pub fn prefault_kvm_pages(mem: &crate::memory::GuestMemory, state: &super::SnapshotState) {
+    use vm_memory::{Bytes, GuestAddress};
+    for v in &state.vcpus {
+        for &(index, value) in &v.msrs {
+            if KVM_PV_MSRS.contains(&index) && value & 1 != 0 {
+                let gpa = value & !0x3f;
+                let mut b = [0u8; 1];
+                // Reading is enough: the fault brings the page in. An
+                // address outside RAM is the guest's problem, not ours.
+                let _ = mem.read_slice(&mut b, GuestAddress(gpa));
+            }
+        }
+    }
+}
+
 /// How guest memory was filled.
 pub struct MemoryLoad {
     pub eager_bytes: u64,

@@ -166,6 +166,16 @@ pub struct DiskIdentity {
     pub mtime_ns: i64,
 }
 
+/// Opens an image file for reading, and for writing unless `read_only`
+/// (then without write access, so not even a VMM bug can change it).
+pub(crate) fn open_file(path: &Path, read_only: bool) -> Result<File, DiskError> {
+    OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(DiskError::io(if read_only { "open" } else { "open for writing" }, path))
+}
+
 impl std::fmt::Display for DiskIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} bytes, device:inode {}:{}, mtime {} ns", self.size, self.dev, self.ino, self.mtime_ns)
@@ -375,12 +385,7 @@ impl RawImage {
     /// Opens `path` as raw, whatever its content (a file opened read-only
     /// is opened without write access, so not even a VMM bug can change it).
     pub fn open(path: &Path, read_only: bool) -> Result<Self, DiskError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(DiskError::io(if read_only { "open" } else { "open for writing" }, path))?;
-        Self::from_file(file, path, read_only, Lock::Shared)
+        Self::from_file(open_file(path, read_only)?, path, read_only, Lock::Shared)
     }
 
     pub(crate) fn from_file(file: File, path: &Path, read_only: bool, lock: Lock) -> Result<Self, DiskError> {

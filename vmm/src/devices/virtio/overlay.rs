@@ -569,11 +569,7 @@ impl Overlay {
     /// Opens the overlay at `path` and its chain of bases (read-only), and
     /// checks every base against the identity its overlay recorded.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, DiskError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(DiskError::io(if read_only { "open" } else { "open for writing" }, path))?;
+        let file = super::disk::open_file(path, read_only)?;
         if !probe(&file).map_err(DiskError::io("read", path))? {
             return Err(DiskError::NotOverlay { path: path.to_owned() });
         }

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::mmio::{status, MmioTransport};
 use super::{IrqLine, VirtioDevice};
@@ -38,7 +38,7 @@ impl IrqLine for CountingIrq {
 }
 
 pub fn memory() -> GuestMemory {
-    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
 
 /// A descriptor as written to the table: (addr, len, flags, next).
