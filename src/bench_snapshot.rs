@@ -43,6 +43,9 @@ const QEMU_MAX_BANDWIDTH: u64 = 100 << 30;
 /// hangs at boot or triple-faults (docs/carrier.md), which says nothing
 /// about what is measured. Each retry is noted in the report.
 const RETRIES: u32 = 2;
+/// What the VMM logs (DVISOR_LOG=dvisor_vmm::vm=info) once a restore has
+/// loaded memory and devices, before the vCPUs start.
+const STDERR_MARK: &str = "restoring";
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -115,6 +118,10 @@ struct RestoreRun {
     to_heartbeat_s: f64,
     /// The VMM's own restore setup (memory, devices, vCPUs), from its log.
     vmm_restore_ms: Option<f64>,
+    /// From the start of `dvisor run` to that log line: process start,
+    /// reading the snapshot, building the VM. The rest, to the heartbeat,
+    /// is the guest running on (and faulting in its memory).
+    vmm_restored_s: Option<f64>,
     /// Whether memory really came in lazily (userfaultfd may be missing).
     lazy: Option<bool>,
 }
@@ -499,10 +506,11 @@ impl Bench<'_> {
             .to_heartbeat(&format!("{how} restore of {}", snap.display()), |_| self.restore_cmd(snap, &name, eager))?;
         g.stop();
         let (vmm_restore_ms, lazy) = parse_restore_log(&g.stderr());
+        let vmm_restored_s = g.stderr_mark().map(|at| at.duration_since(g.started).as_secs_f64());
         if !eager && lazy == Some(false) {
             eprintln!("dvisor: warning: the lazy restore loaded memory eagerly (no userfaultfd?): its row measures the eager path");
         }
-        Ok(RestoreRun { to_heartbeat_s: t.as_secs_f64(), vmm_restore_ms, lazy })
+        Ok(RestoreRun { to_heartbeat_s: t.as_secs_f64(), vmm_restore_ms, vmm_restored_s, lazy })
     }
 
     /// Waits until `dvisor status --vm NAME` answers: snapshots go through
@@ -726,6 +734,8 @@ struct Guest {
     /// The last console lines, for errors.
     tail: Arc<Mutex<VecDeque<String>>>,
     stderr: Arc<Mutex<String>>,
+    /// When stderr first said STDERR_MARK (the VMM's restore log line).
+    mark: Arc<Mutex<Option<Instant>>>,
     stopped: bool,
 }
 
@@ -755,6 +765,8 @@ impl Guest {
         });
         let stderr = Arc::new(Mutex::new(String::new()));
         let e2 = stderr.clone();
+        let mark = Arc::new(Mutex::new(None));
+        let m2 = mark.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             let mut r = err;
@@ -763,7 +775,12 @@ impl Guest {
                     break;
                 }
                 let mut s = e2.lock().unwrap_or_else(|p| p.into_inner());
+                let now = Instant::now();
                 s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                let mut m = m2.lock().unwrap_or_else(|p| p.into_inner());
+                if m.is_none() && s.contains(STDERR_MARK) {
+                    *m = Some(now);
+                }
                 // Keep the end: that is where errors are.
                 if s.len() > 64 << 10 {
                     let cut = s.len() - (32 << 10);
@@ -772,7 +789,7 @@ impl Guest {
                 }
             }
         });
-        Ok(Guest { what: what.into(), child, started, lines, tail, stderr, stopped: false })
+        Ok(Guest { what: what.into(), child, started, lines, tail, stderr, mark, stopped: false })
     }
 
     /// Time from start to the first heartbeat on the console.
@@ -821,6 +838,10 @@ impl Guest {
 
     fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    fn stderr_mark(&self) -> Option<Instant> {
+        *self.mark.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn stderr(&self) -> String {
@@ -1067,9 +1088,11 @@ fn print_table(r: &Report) {
     }
     println!("to the first heartbeat (each includes up to {HEARTBEAT_MS:.0} ms waiting for the next beat)");
     row("dvisor restore, lazy (userfaultfd)", each(&|s| Some(secs(s.restore_lazy_median_s))));
-    row("  of which the VMM's restore setup", each(&|s| vmm_ms(&s.restore_lazy).map(ms)));
+    row("  VMM's restore setup (memory, devices)", each(&|s| vmm_ms(&s.restore_lazy).map(ms)));
+    row("  start to vCPUs about to run", each(&|s| restored_s(&s.restore_lazy).map(secs)));
     row("dvisor restore, eager", each(&|s| Some(secs(s.restore_eager_median_s))));
-    row("  of which the VMM's restore setup", each(&|s| vmm_ms(&s.restore_eager).map(ms)));
+    row("  VMM's restore setup (memory, devices)", each(&|s| vmm_ms(&s.restore_eager).map(ms)));
+    row("  start to vCPUs about to run", each(&|s| restored_s(&s.restore_eager).map(secs)));
     row("dvisor cold boot", each(&|s| Some(secs(s.cold_boot_median_s))));
     row("dvisor clone (`dvisor clone` to its beat)", each(&|s| Some(secs(s.clone_median_s))));
     row("qemu restore (-incoming exec:cat FILE)", each(&|s| q(s)?.restore_median_s.map(secs)));
@@ -1111,6 +1134,11 @@ fn print_table(r: &Report) {
 
 fn q(s: &MemResult) -> Option<&QemuResult> {
     s.qemu.as_ref()
+}
+
+fn restored_s(v: &[RestoreRun]) -> Option<f64> {
+    let s: Vec<f64> = v.iter().filter_map(|r| r.vmm_restored_s).collect();
+    (!s.is_empty()).then(|| median(s))
 }
 
 fn vmm_ms(v: &[RestoreRun]) -> Option<f64> {
