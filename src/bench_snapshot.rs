@@ -199,6 +199,8 @@ struct Report {
     goals: Goals,
     /// VMs started again because they never reached a heartbeat, and why.
     retries: Vec<String>,
+    /// VMs that did not stop on SIGTERM (or SIGKILL), with their threads.
+    stop_problems: Vec<String>,
 }
 
 pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<i32> {
@@ -290,6 +292,7 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<i32> {
         pause_ratio,
         goals,
         retries: bench.retries.take(),
+        stop_problems: std::mem::take(&mut *STOP_PROBLEMS.lock().unwrap_or_else(|p| p.into_inner())),
     };
     drop(scratch);
     if args.json {
@@ -811,10 +814,8 @@ impl Guest {
                 Ok((at, l)) if l.contains("heartbeat ") => return Ok(at),
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    let st = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
-                    bail!("{} ended ({st}) before a heartbeat; {}", self.what, self.evidence());
-                }
+                // The console closed: the process is ending (checked below).
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(200)),
             }
             if let Some(st) = self.exited() {
                 // Its last lines may still be in the channel.
@@ -870,17 +871,35 @@ impl Guest {
         if self.exited().is_some() {
             return;
         }
+        let pid = self.child.id();
         // SAFETY: kill(2) on our own child's pid, not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        if self.exits_within(Duration::from_secs(10)) {
+            return;
+        }
+        let threads = thread_states(pid);
+        let _ = self.child.kill();
+        // Never wait for ever: a process stuck in the kernel (inside KVM)
+        // cannot be reaped; it is reported and left behind.
+        let gone = self.exits_within(Duration::from_secs(30));
+        let note = format!(
+            "{} (pid {pid}) did not exit within 10 s of SIGTERM{}; its threads then: {threads}",
+            self.what,
+            if gone { "" } else { ", nor within 30 s of SIGKILL (left behind)" }
+        );
+        eprintln!("dvisor: warning: {note}");
+        STOP_PROBLEMS.lock().unwrap_or_else(|p| p.into_inner()).push(note);
+    }
+
+    fn exits_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if self.exited().is_some() {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        false
     }
 }
 
@@ -888,6 +907,32 @@ impl Drop for Guest {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// VMs that did not stop when told to, with their threads' states: a
+/// result in itself (shown with the report), not a reason to stop.
+static STOP_PROBLEMS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// "tid name state wchan" of each thread of `pid`, from /proc (the kernel
+/// function a stuck thread sleeps in).
+fn thread_states(pid: u32) -> String {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return "(gone)".into() };
+    let mut out = Vec::new();
+    for t in rd.flatten() {
+        let p = t.path();
+        let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+        // "tid (comm) S ...": the name may hold spaces; the state follows
+        // the last ')'.
+        let name = stat.find('(').zip(stat.rfind(')')).map(|(a, b)| &stat[a + 1..b]).unwrap_or("?");
+        let state = stat.rfind(')').and_then(|b| stat[b + 1..].split_whitespace().next()).unwrap_or("?");
+        let wchan = std::fs::read_to_string(p.join("wchan")).unwrap_or_default();
+        out.push(format!(
+            "{} {name} {state} {}",
+            t.file_name().to_string_lossy(),
+            if wchan.is_empty() { "-" } else { &wchan }
+        ));
+    }
+    out.join(", ")
 }
 
 /// A QMP connection: one command at a time, events skipped.
@@ -1119,6 +1164,9 @@ fn print_table(r: &Report) {
         r.goals.pause_ratio_met.map(|m| format!("; pause does not grow with memory: {}", met(m))).unwrap_or_default(),
         r.goals.faster_than_qemu_met.map(|m| format!("; restore faster than QEMU's: {}", met(m))).unwrap_or_default()
     );
+    for p in &r.stop_problems {
+        println!("note: {p}");
+    }
     for why in &r.retries {
         println!("note: a VM was started again after: {why}");
     }
