@@ -23,6 +23,10 @@ pub enum BenchCmd {
     /// Live patch: pause window for patch sizes 10-100 KiB beside the
     /// paper's ptrace figures and a service restart.
     Patch(crate::bench_patch::PatchBenchArgs),
+    /// Snapshots: pause and total time per memory size, restore (lazy and
+    /// eager) and clone to the first heartbeat, beside a cold boot and
+    /// QEMU's own save/restore.
+    Snapshot(crate::bench_snapshot::SnapshotBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -53,6 +57,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
         BenchCmd::Api(args) => crate::bench_api::api(args),
         BenchCmd::Vmi(args) => crate::bench_vmi::vmi(args),
         BenchCmd::Patch(args) => crate::bench_patch::patch(args),
+        BenchCmd::Snapshot(args) => crate::bench_snapshot::snapshot(args),
     }
 }
 
