@@ -49,7 +49,7 @@
 #define ACPI_DEVICES "/sys/bus/acpi/devices"
 #define DEVICE_PREFIX "VMGENCTR:"
 
-/* -1 until opened; log() falls back to stderr while it is. */
+/* -1 until opened; log_line() falls back to stderr while it is. */
 static int kmsg_fd = -1;
 
 /*

@@ -330,21 +330,19 @@ fn attach_virtio(
         let tap = tap.try_clone().map_err(|e| VmmError::Net(format!("tap {}: {e}", net.tap)))?;
         let fd = tap.as_raw_fd();
         let name = format!("eth{i}");
-        let (dev, stats, transport) = match saved.and_then(|s| s.nets.get(i)) {
+        let (stats, transport) = match saved.and_then(|s| s.nets.get(i)) {
             Some((t, n)) => {
                 let dev = Net::from_state(tap, n).map_err(|e| restore_err(name.clone(), e.to_string()))?;
                 let stats = dev.stats();
                 let tr = MmioTransport::from_state(dev, ram.memory.clone(), irq, t)
                     .map_err(|e| restore_err(name.clone(), e.to_string()))?;
-                ((), stats, tr)
+                (stats, tr)
             }
             None => {
                 let dev = Net::new(tap, net.mac);
-                let stats = dev.stats();
-                ((), stats, transport(dev, ram, irq)?)
+                (dev.stats(), transport(dev, ram, irq)?)
             }
         };
-        let _ = dev;
         let transport = Arc::new(Mutex::new(transport));
         bus.insert(slot.base, layout::VIRTIO_MMIO_SIZE, transport.clone());
         devs.nets.push((transport, fd));
