@@ -248,8 +248,8 @@ fn corruptions_are_refused(good: &Path, name: &str) {
         f(&mut b);
         std::fs::write(state(d), b).unwrap();
     };
-    type Corruption = Box<dyn Fn(&Path)>;
-    let cases: Vec<(&str, &str, Corruption)> = vec![
+    type Corruption<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: Vec<(&str, &str, Corruption<'_>)> = vec![
         ("magic", "wrong magic", Box::new(move |d| edit(d, &|b| b[0] ^= 0xff))),
         ("version", "format version 99", Box::new(move |d| edit(d, &|b| b[8] = 99))),
         ("crc", "checksum mismatch", Box::new(move |d| edit(d, &|b| { let n = b.len(); b[n - 100] ^= 1 }))),
