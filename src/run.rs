@@ -164,12 +164,7 @@ fn run_restore(dir: &std::path::Path, args: &RunArgs) -> anyhow::Result<i32> {
     let Some(last) = chain.last() else { return Ok(EXIT_CONFIG) };
     let saved = &last.state.config;
     for (index, d) in saved.disks.iter().enumerate() {
-        let changed = match dvisor_vmm::devices::virtio::block::DiskIdentity::of(&d.config.path) {
-            Ok(now) => d.identity.differs(&now),
-            Err(e) => Some(format!("cannot read it: {e}")),
-        };
-        if let Some(what) = changed {
-            let e = dvisor_vmm::snapshot::SnapshotError::DiskChanged { index, path: d.config.path.clone(), what };
+        if let Err(e) = dvisor_vmm::snapshot::restore::check_disk(index, d, &d.config.path) {
             return Ok(crate::snapshot_cmd::refuse(&e));
         }
     }

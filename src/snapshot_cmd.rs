@@ -209,12 +209,7 @@ fn check_snapshot(dir: &Path) -> Result<(Vec<format::Loaded>, Vec<String>), Snap
         return Err(SnapshotError::Invalid("empty chain".into()));
     };
     for (index, d) in last.state.config.disks.iter().enumerate() {
-        let now = dvisor_vmm::devices::virtio::block::DiskIdentity::of(&d.config.path).map_err(|e| {
-            SnapshotError::DiskChanged { index, path: d.config.path.clone(), what: format!("cannot read it: {e}") }
-        })?;
-        if let Some(what) = d.identity.differs(&now) {
-            return Err(SnapshotError::DiskChanged { index, path: d.config.path.clone(), what });
-        }
+        dvisor_vmm::snapshot::restore::check_disk(index, d, &d.config.path)?;
     }
     if dvisor_images::carrier::host_has_hardware_kvm() || std::env::var_os("DVISOR_IN_CARRIER").is_some() {
         dvisor_vmm::snapshot::restore::check_host_cpu(&last.state)?;

@@ -29,7 +29,7 @@ use crate::devices::{MmioBus, PioBus};
 use crate::error::VmmError;
 use crate::lifecycle::{self, EventReceiver, EventSender, VmEvent};
 use crate::memory::GuestRam;
-use crate::devices::set::{BlockDevice, DeviceSet, NetDevice};
+use crate::devices::set::{lock, BlockDevice, DeviceSet, NetDevice};
 use crate::devices::vmgenid::VmGenId;
 use crate::snapshot::{self, format, DevicesState, SnapshotError};
 use crate::vcpu::VcpuRunner;
@@ -205,9 +205,6 @@ fn next_event(rx: &EventReceiver) -> VmEvent {
     rx.recv().unwrap_or(VmEvent::Signal(libc::SIGTERM))
 }
 
-fn lock_device<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Where to start from instead of booting (`dvisor run --restore`, or an
 /// in-place restore through the support API).
@@ -238,7 +235,7 @@ pub struct RestoreSlot(Arc<Mutex<Option<RestoreRequest>>>);
 impl RestoreSlot {
     /// Refuses a second request while one waits.
     pub fn put(&self, r: RestoreRequest) -> Result<(), RestoreRequest> {
-        let mut g = lock_device(&self.0);
+        let mut g = lock(&self.0);
         if g.is_some() {
             return Err(r);
         }
@@ -247,7 +244,7 @@ impl RestoreSlot {
     }
 
     pub fn take(&self) -> Option<RestoreRequest> {
-        lock_device(&self.0).take()
+        lock(&self.0).take()
     }
 }
 
@@ -442,7 +439,7 @@ fn build_devices(
     let restore_err = |device: &str, reason: String| {
         VmmError::Snapshot(SnapshotError::DeviceRestore { device: device.into(), reason })
     };
-    let disks = lock_device(&ctx.disks).clone();
+    let disks = lock(&ctx.disks).clone();
     let virtio = attach_virtio(vm, ram, &disks, &config.nets, ctx.taps, saved)?;
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     vm.register_irqfd(&serial_irq, COM1_GSI).map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
@@ -571,7 +568,7 @@ impl Boot {
             Ok(())
         })?;
         if let Some(l) = load.lazy {
-            *lock_device(&boot.handles.lazy) = Some(l);
+            *lock(&boot.handles.lazy) = Some(l);
         }
         // An interrupt edge raised while the devices were rebuilt may have
         // been overwritten by the restored interrupt controllers: raise
@@ -579,12 +576,12 @@ impl Boot {
         // hand a frame held for want of an RX buffer to the guest.
         {
             let set = &boot.handles.device_set;
-            lock_device(&set.i8042).reassert_irq();
+            lock(&set.i8042).reassert_irq();
             for b in &set.blocks {
-                lock_device(b).reassert_irq();
+                lock(b).reassert_irq();
             }
             for n in &set.nets {
-                let mut n = lock_device(n);
+                let mut n = lock(n);
                 n.reassert_irq();
                 n.process_rx();
             }
@@ -595,7 +592,7 @@ impl Boot {
             // After the vCPUs' LAPICs are restored, or the interrupt that
             // announces it would be overwritten.
             let mem = boot.handles.memory.clone();
-            lock_device(&boot.handles.device_set.vmgenid).regenerate(&mem).map_err(|e| {
+            lock(&boot.handles.device_set.vmgenid).regenerate(&mem).map_err(|e| {
                 VmmError::Snapshot(SnapshotError::DeviceRestore { device: "vmgenid".into(), reason: e.to_string() })
             })?;
         }

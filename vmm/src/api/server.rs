@@ -569,7 +569,7 @@ fn snapshot(
     parent: Option<PathBuf>,
     clone: Option<CloneSpec>,
 ) -> Result<Reply, ApiError> {
-    use crate::snapshot::{create, SavedConfig, SavedDisk};
+    use crate::snapshot::{create, SavedConfig};
     let _one = b.snapshot_lock.try_lock().map_err(|_| {
         ApiError::new(ErrorCode::WrongState, "another snapshot of this VM is in progress: wait for it to finish")
     })?;
@@ -578,13 +578,6 @@ fn snapshot(
     }
     wait_memory_loaded(b)?;
     let c = &b.config;
-    let mut disks = Vec::new();
-    let current_disks = b.disks.lock().map_err(|_| failed("disk list", "lock poisoned"))?.clone();
-    for d in &current_disks {
-        let identity = crate::devices::virtio::block::DiskIdentity::of(&d.path)
-            .map_err(|e| failed(&format!("reading disk {}", d.path.display()), e))?;
-        disks.push(SavedDisk { config: d.clone(), identity });
-    }
     let config = SavedConfig {
         vm_name: c.name.clone(),
         kernel: b.kernel.clone(),
@@ -592,7 +585,8 @@ fn snapshot(
         cmdline: c.cmdline.clone(),
         vcpus: c.vcpus,
         mem_mib: c.mem_mib,
-        disks,
+        // Read with the VM paused, from the disks in use (create.rs).
+        disks: Vec::new(),
         nets: c.nets.clone(),
     };
     let src = create::Source {

@@ -34,8 +34,9 @@ pub struct LockedDevices<'a> {
     vmgenid: MutexGuard<'a, VmGenId>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A device whose thread panicked keeps plain register state: usable.
+/// Locks a device (or other plain state) even if a thread panicked holding
+/// it: device state is registers and queues, still usable.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -42,7 +42,8 @@ pub struct Source<'a> {
     pub control: &'a VcpuControl,
     pub memory: &'a GuestMemory,
     pub devices: &'a DeviceSet,
-    /// Disks as configured; identities are read during the pause.
+    /// The VM's configuration; `disks` is filled in during the pause from
+    /// `disks` below and the devices' own state.
     pub config: SavedConfig,
     pub msr_indices: &'a [u32],
     /// The disk files the VM uses now (a clone point changes them).
@@ -253,10 +254,14 @@ pub fn create(
         let vm = VmState::save(src.vm)?;
         let devices = _devices.state()?;
         let mut config = src.config.clone();
-        // The disks as they were at this instant (guest writes stopped).
-        for (d, (_, b)) in config.disks.iter_mut().zip(&devices.blocks) {
-            d.identity = b.image.clone();
-        }
+        // The disk files in use and their identity at this instant (guest
+        // writes stopped), as their devices report them.
+        let current = src.disks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        config.disks = current
+            .into_iter()
+            .zip(&devices.blocks)
+            .map(|(c, (_, b))| super::SavedDisk { config: c, identity: b.image.clone() })
+            .collect();
         if let Some(c) = &opts.clone {
             std::fs::create_dir_all(&c.dir).map_err(|e| SnapshotError::Io(format!("creating {}", c.dir.display()), e))?;
             let forked = _devices.fork_disks(&c.dir, &c.origin, &c.clone)?;

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::memory::{PageSet, RamRange, PAGE_SIZE};
-use super::{DevicesState, SnapshotError, SnapshotState};
+use super::{SnapshotError, SnapshotState};
 
 pub const STATE_FILE: &str = "state.bin";
 pub const MEMORY_FILE: &str = "memory.raw";
@@ -361,10 +361,6 @@ impl MemoryState {
         Ok(())
     }
 }
-
-/// The default for devices when nothing else is known (used by tests).
-#[allow(dead_code)]
-fn _assert_send(_: &DevicesState) {}
 
 #[cfg(test)]
 mod tests {

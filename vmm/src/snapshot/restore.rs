@@ -46,16 +46,20 @@ pub fn prepare(kvm: &Kvm, dir: &Path, config: &VmConfig) -> Result<Vec<Loaded>, 
         )));
     }
     for (index, (d, c)) in saved.disks.iter().zip(&config.disks).enumerate() {
-        let now = DiskIdentity::of(&c.path).map_err(|e| SnapshotError::DiskChanged {
-            index,
-            path: c.path.clone(),
-            what: format!("cannot read it: {e}"),
-        })?;
-        if let Some(what) = d.identity.differs(&now) {
-            return Err(SnapshotError::DiskChanged { index, path: c.path.clone(), what });
-        }
+        check_disk(index, d, &c.path)?;
     }
     Ok(chain)
+}
+
+/// Refuses disk `index` at `path` unless it is the file the snapshot
+/// recorded, unchanged since.
+pub fn check_disk(index: usize, saved: &super::SavedDisk, path: &Path) -> Result<(), SnapshotError> {
+    let changed = |what| SnapshotError::DiskChanged { index, path: path.to_owned(), what };
+    let now = DiskIdentity::of(path).map_err(|e| changed(format!("cannot read it: {e}")))?;
+    match saved.identity.differs(&now) {
+        Some(what) => Err(changed(what)),
+        None => Ok(()),
+    }
 }
 
 /// Compares the snapshot's CPU features with this host's KVM.
