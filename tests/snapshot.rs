@@ -346,3 +346,53 @@ fn clone_body() {
     a.kill9();
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Opt-in (`cargo test --test snapshot -- --ignored`): many in-place
+/// restores of live snapshots of a restored guest in a row, each followed
+/// by the guest's own `ps`, the sequence that once left a guest vCPU in a
+/// soft lockup. `DVISOR_RESTORE_ROUNDS` sets the count (default 12).
+#[test]
+#[ignore]
+fn many_in_place_restores() {
+    if common::rerun_in_carrier("many_in_place_restores") {
+        return;
+    }
+    common::carrier_reruns("many_in_place_restores", many_in_place_restores_body);
+}
+
+fn many_in_place_restores_body() {
+    let rounds: u32 = std::env::var("DVISOR_RESTORE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(12);
+    let root = snap_root();
+    let name = format!("inplace{}", std::process::id());
+    let cmd = cmdline();
+    let mut c = Console::start(&["--name", &name, "--no-net", "--cmdline", &cmd]);
+    let shell = c.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
+    c.wait_prompt(shell, "guest# ");
+    common::wait_monitor(&mut c, &name);
+    let mut prev: Option<PathBuf> = None;
+    for round in 0..rounds {
+        let snap = root.join(format!("r{round}"));
+        snapshot(&name, &snap, None);
+        std::thread::sleep(Duration::from_millis(300));
+        let paused = round % 2 == 1;
+        let mut args = vec!["snapshot", "restore", "--vm", &name, snap.to_str().unwrap()];
+        if paused {
+            args.push("--paused");
+        }
+        let mark = c.line_count();
+        dvisor_json(&args);
+        if paused {
+            std::thread::sleep(Duration::from_millis(300));
+            dvisor_json(&["resume", "--vm", &name]);
+        }
+        let beat = first_beat(&c, mark);
+        eprintln!("round {round}: restored {} (paused: {paused}), heartbeat {beat}", snap.display());
+        common::ps_matches(&mut c, &name);
+        if let Some(p) = prev.take() {
+            std::fs::remove_dir_all(p).unwrap();
+        }
+        prev = Some(snap);
+    }
+    c.kill9();
+    let _ = std::fs::remove_dir_all(&root);
+}

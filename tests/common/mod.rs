@@ -40,6 +40,9 @@ pub struct Console {
     shared: Arc<(Mutex<Shared>, Condvar)>,
     stderr: Arc<Mutex<String>>,
     stderr_reader: std::thread::JoinHandle<()>,
+    /// The `--name` (or clone `--as`) the VM was started with, for the
+    /// register dump of a failing test.
+    vm: Option<String>,
 }
 
 impl Console {
@@ -91,7 +94,8 @@ impl Console {
             let _ = stderr_pipe.read_to_string(&mut s);
             e2.lock().unwrap().push_str(&s);
         });
-        Console { stdin: child.stdin.take(), child, shared, stderr, stderr_reader }
+        let vm = args.windows(2).find(|w| w[0] == "--name" || w[0] == "--as").map(|w| w[1].to_string());
+        Console { stdin: child.stdin.take(), child, shared, stderr, stderr_reader, vm }
     }
 
     /// Waits until `found` answers from the console seen so far. Panics
@@ -196,6 +200,11 @@ impl Drop for Console {
         // call, an assertion) still shows what the guest and the VMM said
         // last: a VMM that died prints its reason there.
         if std::thread::panicking() {
+            // A guest that hangs shows where its vCPUs are, while it still
+            // runs (a stuck vCPU names the culprit of a lockup on another).
+            if let (Ok(None), Some(vm)) = (self.child.try_wait(), &self.vm) {
+                dump_vcpus(vm);
+            }
             // All of stderr: the VMM's last words come at its exit.
             if let Ok(None) = self.child.try_wait() {
                 let _ = self.child.kill();
@@ -223,6 +232,48 @@ impl Drop for Console {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// Prints each vCPU's RIP, RSP and the kernel symbol at its RIP, three
+/// times apart (a vCPU whose RIP never moves is stuck, in the guest or in
+/// the VMM). Each call is bounded: a VMM stuck for good does not answer.
+fn dump_vcpus(vm: &str) {
+    let bounded = |args: &[&str]| -> Option<String> {
+        let mut child = dvisor().args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().ok()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().ok()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut out = String::new();
+        child.stdout.take()?.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    for round in 0..3 {
+        if round > 0 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let Some(regs) = bounded(&["regs", "--vm", vm, "--json"]) else {
+            eprintln!("--- vCPUs: `dvisor regs --vm {vm}` did not answer within 10 s");
+            return;
+        };
+        let regs: serde_json::Value = serde_json::from_str(&regs).unwrap_or_default();
+        for v in regs.as_array().into_iter().flatten() {
+            let rip = v["regs"]["rip"].as_u64().unwrap_or(0);
+            let sym = bounded(&["ksym", "--vm", vm, &format!("{rip:#x}")]).unwrap_or_default();
+            eprintln!(
+                "--- vCPU {} (look {round}): rip {rip:#x} rsp {:#x} rflags {:#x}: {}",
+                v["vcpu"],
+                v["regs"]["rsp"].as_u64().unwrap_or(0),
+                v["regs"]["rflags"].as_u64().unwrap_or(0),
+                sym.trim()
+            );
         }
     }
 }
