@@ -352,7 +352,9 @@ pub fn rerun_in_carrier(test_name: &str) -> bool {
         dvisor()
             .args(["carrier", "--mem", "1536", "--"])
             .arg(&exe)
-            .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+            // --include-ignored: an opt-in test runs inside as it was asked for
+            // outside.
+            .args(["--exact", test_name, "--include-ignored", "--nocapture", "--test-threads=1"])
             .env("DVISOR_IN_CARRIER", "1")
             .status()
             .expect("run the test inside the carrier")
