@@ -576,6 +576,7 @@ impl Boot {
         // hand a frame held for want of an RX buffer to the guest.
         {
             let set = &boot.handles.device_set;
+            lock(&set.serial).reassert_irq();
             lock(&set.i8042).reassert_irq();
             for b in &set.blocks {
                 lock(b).reassert_irq();

@@ -28,6 +28,9 @@ pub type ConsoleOut = Box<dyn Write + Send>;
 
 pub struct Serial {
     uart: Uart<IrqFdTrigger, vm_superio::serial::NoEvents, ConsoleOut>,
+    /// The same irqfd as the UART's trigger, to raise a pending interrupt
+    /// again after a restore (`reassert_irq`).
+    irq: Option<EventFd>,
 }
 
 /// The UART's registers and receive FIFO, for snapshots. A field-for-field
@@ -94,7 +97,8 @@ impl From<&SerialState> for UartState {
 
 impl Serial {
     pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
-        Serial { uart: Uart::new(IrqFdTrigger(irq), out) }
+        let again = irq.try_clone().ok();
+        Serial { uart: Uart::new(IrqFdTrigger(irq), out), irq: again }
     }
 
     /// The guest-visible state, for a snapshot.
@@ -104,11 +108,12 @@ impl Serial {
 
     /// Rebuilds the UART from `state`. vm-superio signals `irq` at once if
     /// the state has an enabled interrupt pending (THR empty or data
-    /// ready), so a guest whose edge was in flight at the snapshot still
-    /// gets one; register `irq` with KVM after the irqchip state is
-    /// restored, and the pending count is delivered then.
+    /// ready); that edge reaches KVM before the interrupt controllers are
+    /// restored, which overwrite it, so the caller raises it again with
+    /// `reassert_irq` once they are.
     pub fn from_state(irq: EventFd, out: ConsoleOut, state: &SerialState) -> Result<Serial, DeviceStateError> {
         const DEVICE: &str = "serial";
+        let again = irq.try_clone().map_err(|source| DeviceStateError::Interrupt { device: DEVICE, source })?;
         let uart = Uart::from_state(&state.into(), IrqFdTrigger(irq), vm_superio::serial::NoEvents, out).map_err(|e| match e {
             vm_superio::serial::Error::Trigger(source) => DeviceStateError::Interrupt { device: DEVICE, source },
             other => DeviceStateError::invalid(
@@ -116,7 +121,20 @@ impl Serial {
                 format!("{other} ({} input bytes held)", state.in_buffer.len()),
             ),
         })?;
-        Ok(Serial { uart })
+        Ok(Serial { uart, irq: Some(again) })
+    }
+
+    /// Raises the interrupt again if one is pending (IIR says so), for a
+    /// restore whose first edge the restored interrupt controllers
+    /// overwrote. A guest whose 8250 driver waits for THR-empty to send the
+    /// rest of its output would otherwise wait forever, and every process
+    /// writing to the console with it; if the edge was not lost, the
+    /// driver sees one interrupt with nothing to do, which it ignores.
+    pub fn reassert_irq(&mut self) {
+        let pending = self.uart.state().interrupt_identification & 1 == 0;
+        if let (true, Some(irq)) = (pending, &self.irq) {
+            let _ = irq.write(1);
+        }
     }
 
     /// Queues host input for the guest; returns how many bytes fit.
@@ -219,9 +237,19 @@ mod tests {
         let fd = irq();
         let mut r = Serial::from_state(fd.try_clone().unwrap(), Box::new(Sink::default()), &back).unwrap();
         assert_eq!(fd.read().unwrap(), 1, "the pending data-ready interrupt is replayed");
+        r.reassert_irq();
+        assert_eq!(fd.read().unwrap(), 1, "a pending interrupt is raised again after the irqchip restore");
         assert_eq!(r.state(), state);
         assert_eq!(observe(&mut r), observe(&mut s));
         assert_eq!(*out.0.lock().unwrap(), b"!");
+    }
+
+    #[test]
+    fn reassert_raises_nothing_without_a_pending_interrupt() {
+        let fd = irq();
+        let mut s = Serial::new(fd.try_clone().unwrap(), Box::new(Sink::default()));
+        s.reassert_irq();
+        assert!(fd.read().is_err(), "an idle UART raised an interrupt");
     }
 
     #[test]
