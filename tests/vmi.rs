@@ -1,11 +1,14 @@
-//! Introspection against the guest's own view: `dvisor ps` equals the
-//! guest's `ps`, `dvisor maps` equals /proc/PID/maps, the service's counter
-//! read through VMI equals what it prints, kernel symbols equal
-//! /proc/kallsyms on a KASLR and a nokaslr boot, and corrupted copies of
-//! the guest's structures give errors instead of hangs.
+//! Introspection against the guest's own view, one named test per check
+//! on a guest they share: `dvisor ps` equals the guest's `ps`, `dvisor
+//! maps` equals /proc/PID/maps, the service's counter read through VMI
+//! equals what it prints, kernel symbols equal /proc/kallsyms (on a KASLR
+//! boot, and on a nokaslr boot of its own), corrupted copies of the
+//! guest's structures give errors instead of hangs, and a system call
+//! injected into the service runs there.
 mod common;
 
-use std::time::Instant;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use common::{dvisor_json, heartbeat, ps_matches, run_in_guest, service_pid, symbol_addr, Console};
 use dvisor_monitor::paging::{self, PagingMode, VecMemory};
@@ -15,39 +18,112 @@ use dvisor_monitor::VmmClient;
 use dvisor_vmm::api::protocol::{Request, Sregs};
 
 fn boot(name: &str, cmdline: &str) -> Console {
-    let c = Console::start(&["--vcpus", "2", "--name", name, "--cmdline", cmdline]);
+    let mut c = Console::start(&["--vcpus", "2", "--name", name, "--cmdline", cmdline]);
     let shell = c.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
     c.wait_prompt(shell, "guest# ");
+    // The monitor loads the profile on first use.
+    common::wait_monitor(&mut c, name);
     c
 }
 
+struct Guest {
+    c: Console,
+    name: String,
+}
+
+static GUEST: Mutex<Option<Guest>> = Mutex::new(None);
+
+/// The KASLR guest the tests share, booted by the first that needs it.
+fn guest() -> std::sync::MutexGuard<'static, Option<Guest>> {
+    let mut g = common::shared(&GUEST, |g| g.c.running(), || {
+        let name = format!("vmi{}", std::process::id());
+        Guest { c: boot(&name, "console=ttyS0 quiet"), name }
+    });
+    let guest = g.as_mut().unwrap();
+    // A test that failed half-way may have left it paused.
+    if dvisor_json(&["status", "--vm", &guest.name])["vm"]["state"] == "paused" {
+        dvisor_json(&["resume", "--vm", &guest.name]);
+    }
+    g
+}
+
 #[test]
-fn introspection_matches_the_guest() {
-    if common::rerun_in_carrier("introspection_matches_the_guest") {
+fn ps_equals_the_guests_ps() {
+    common::in_suite("ps_equals_the_guests_ps", guest, |g| {
+        ps_matches(&mut g.c, &g.name);
+    });
+}
+
+#[test]
+fn maps_equal_proc_maps() {
+    common::in_suite("maps_equal_proc_maps", guest, |g| {
+        maps_match(&mut g.c, &g.name);
+    });
+}
+
+#[test]
+fn counter_read_through_vmi_equals_the_printed_one() {
+    if common::suite_in_carrier("counter_read_through_vmi_equals_the_printed_one") {
         return;
     }
     let image = dvisor_images::current_guest_image().expect("guest image");
-    let name = format!("vmi{}", std::process::id());
-    let mut c = boot(&name, "console=ttyS0 quiet");
-    // The monitor loads the profile on first use.
-    common::wait_monitor(&mut c, &name);
+    let g = guest();
+    let g = g.as_ref().unwrap();
+    counter_matches(&g.c, &g.name, &image.service_binary);
+}
 
-    ps_matches(&mut c, &name);
-    maps_match(&mut c, &name);
-    counter_matches(&c, &name, &image.service_binary);
-    let slide = kallsyms_match(&mut c, &name);
-    corrupted_copies_fail(&name, &image.vmlinux);
-    syscall_injection(&c, &name);
+#[test]
+fn kernel_symbols_equal_kallsyms() {
+    common::in_suite("kernel_symbols_equal_kallsyms", guest, |g| {
+        let slide = kallsyms_match(&mut g.c, &g.name);
+        eprintln!("KASLR boot slide {slide:#x}");
+    });
+}
+
+#[test]
+fn corrupted_copies_give_errors() {
+    if common::suite_in_carrier("corrupted_copies_give_errors") {
+        return;
+    }
+    let image = dvisor_images::current_guest_image().expect("guest image");
+    let g = guest();
+    corrupted_copies_fail(&g.as_ref().unwrap().name, &image.vmlinux);
+}
+
+#[test]
+fn syscall_injected_into_the_service() {
+    common::in_suite("syscall_injected_into_the_service", guest, |g| {
+        syscall_injection(&g.c, &g.name);
+    });
+}
+
+/// A guest of its own, booted with nokaslr: symbols match with no slide.
+#[test]
+fn nokaslr_boot_has_no_slide() {
+    if common::suite_in_carrier("nokaslr_boot_has_no_slide") {
+        return;
+    }
+    // One running guest at a time in the carrier (two nested guests on
+    // TCG starve each other): the shared one, if any, waits paused.
+    let mut shared = GUEST.lock().unwrap_or_else(|p| p.into_inner());
+    let paused = shared.as_mut().and_then(|g| g.c.running().then(|| dvisor_json(&["pause", "--vm", &g.name])));
+    let name = format!("vmi{}n", std::process::id());
+    let mut c = boot(&name, "console=ttyS0 quiet nokaslr");
+    assert_eq!(kallsyms_match(&mut c, &name), 0, "nokaslr boot has a slide");
     c.type_line("poweroff -f");
     assert!(c.wait_exit().success(), "{}", c.stderr());
+    if let (Some(_), Some(g)) = (paused, shared.as_ref()) {
+        dvisor_json(&["resume", "--vm", &g.name]);
+    }
+}
 
-    let name2 = format!("{name}n");
-    let mut c = boot(&name2, "console=ttyS0 quiet nokaslr");
-    common::wait_monitor(&mut c, &name2);
-    assert_eq!(kallsyms_match(&mut c, &name2), 0, "nokaslr boot has a slide");
-    c.type_line("poweroff -f");
-    assert!(c.wait_exit().success(), "{}", c.stderr());
-    eprintln!("KASLR boot slide {slide:#x}");
+/// Last in name order (libtest runs them so, one at a time): it ends the
+/// shared guest.
+#[test]
+fn vmm_powers_off_at_the_end() {
+    let Some(mut g) = common::last_in_suite("vmm_powers_off_at_the_end", guest) else { return };
+    g.c.type_line("poweroff -f");
+    assert!(g.c.wait_exit().success(), "{}", g.c.stderr());
 }
 
 fn maps_match(c: &mut Console, name: &str) {
@@ -90,18 +166,24 @@ fn counter_matches(c: &Console, name: &str, service: &std::path::Path) {
     let pid = service_pid(c).to_string();
     let addr = format!("{:#x}", symbol_addr(service, "counter"));
     dvisor_json(&["pause", "--vm", name]);
-    // Let a line already on its way through the console arrive.
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let mark = c.line_count();
-    let printed = c.lines().iter().rev().find_map(|l| heartbeat(l)).unwrap().0;
     let mem = dvisor_json(&["mem", "--vm", name, &pid, &addr, "8"]);
-    dvisor_json(&["resume", "--vm", name]);
     let hex = mem["hex"].as_str().unwrap();
     let bytes: Vec<u8> = (0..8).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
     let value = u64::from_le_bytes(bytes.try_into().unwrap());
+    // Paused, the service prints nothing new; a line already on its way
+    // through the console may still arrive. Within a bounded window the
+    // last printed counter reaches the value read (or the one before it,
+    // when the pause fell between the increment and the printf).
+    let last_printed = || c.lines().iter().rev().find_map(|l| heartbeat(l)).map(|h| h.0).unwrap_or(0);
+    let window = Instant::now() + Duration::from_secs(5);
+    while last_printed() + 1 < value && Instant::now() < window {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let printed = last_printed();
+    let mark = c.line_count();
+    dvisor_json(&["resume", "--vm", name]);
     if value == printed + 1 {
-        // Paused between the increment and the printf: the next line
-        // must print exactly that value.
+        // The next line must print exactly that value.
         let next = c.wait_for(mark, "the next heartbeat", |l| heartbeat(l).is_some());
         assert_eq!(heartbeat(&c.lines()[next]).unwrap().0, value);
     } else {

@@ -334,9 +334,25 @@ pub fn carrier_reruns<T>(test_name: &str, test: impl Fn() -> T) -> T {
 /// Returns true when it did (the caller then returns: the inner run made
 /// the assertions).
 pub fn rerun_in_carrier(test_name: &str) -> bool {
-    if std::env::var_os("DVISOR_IN_CARRIER").is_some() || dvisor_images::carrier::host_has_hardware_kvm() {
+    if !needs_carrier() {
         return false;
     }
+    // --include-ignored: an opt-in test runs inside as it was asked for
+    // outside.
+    let args = ["--exact", test_name, "--include-ignored", "--nocapture", "--test-threads=1"];
+    let st = in_carrier(test_name, &args, false).status;
+    assert!(st.success(), "{test_name} failed inside the carrier ({st})");
+    true
+}
+
+/// Whether tests that boot guests must run inside the carrier here.
+fn needs_carrier() -> bool {
+    std::env::var_os("DVISOR_IN_CARRIER").is_none() && !dvisor_images::carrier::host_has_hardware_kvm()
+}
+
+/// Runs this test binary inside the carrier with `args`, again when the
+/// carrier or its guest died under it (see below); `capture` keeps stdout.
+fn in_carrier(what: &str, args: &[&str], capture: bool) -> std::process::Output {
     ensure_image();
     // Build the kernel profile natively: inside the TCG carrier it would
     // take the monitor minutes.
@@ -349,17 +365,31 @@ pub fn rerun_in_carrier(test_name: &str) -> bool {
     let _one = ONE_CARRIER.lock().unwrap_or_else(|p| p.into_inner());
     let exe = std::env::current_exe().expect("test executable");
     let run = || {
-        dvisor()
+        let mut child = dvisor()
             .args(["carrier", "--mem", "1536", "--"])
             .arg(&exe)
-            // --include-ignored: an opt-in test runs inside as it was asked for
-            // outside.
-            .args(["--exact", test_name, "--include-ignored", "--nocapture", "--test-threads=1"])
+            .args(args)
             .env("DVISOR_IN_CARRIER", "1")
-            .status()
-            .expect("run the test inside the carrier")
+            .stdout(if capture { Stdio::piped() } else { Stdio::inherit() })
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("run the test inside the carrier");
+        // Kept for the caller and shown as it comes: a long suite shows
+        // its progress.
+        let mut stdout = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            for line in BufReader::new(out).split(b'\n') {
+                let line = line.unwrap_or_default();
+                // Straight to fd 2: libtest captures eprintln! of a test.
+                let _ = writeln!(std::io::stderr(), "carrier| {}", String::from_utf8_lossy(&line));
+                stdout.extend_from_slice(&line);
+                stdout.push(b'\n');
+            }
+        }
+        let status = child.wait().expect("wait for the carrier");
+        std::process::Output { status, stdout, stderr: Vec::new() }
     };
-    let mut st = run();
+    let mut out = run();
     // Status 2 is `dvisor carrier` itself failing: the carrier VM died
     // without reporting (seen: a soft lockup of its KVM, nested on TCG).
     // Status 3 is the guest dying of a triple fault inside the carrier,
@@ -368,15 +398,94 @@ pub fn rerun_in_carrier(test_name: &str) -> bool {
     // RERUNS times, and says so; a test that fails otherwise (101) is never
     // retried.
     for rerun in 1..=RERUNS {
-        if !matches!(st.code(), Some(2) | Some(GUEST_CRASHED_IN_CARRIER)) {
+        if !matches!(out.status.code(), Some(2) | Some(GUEST_CRASHED_IN_CARRIER)) {
             break;
         }
-        let what = if st.code() == Some(2) { "the carrier VM died" } else { "the guest triple-faulted inside the carrier" };
-        eprintln!("NOTE: {what} under {test_name}; rerun {rerun} of {RERUNS}");
-        st = run();
+        let why = if out.status.code() == Some(2) { "the carrier VM died" } else { "the guest triple-faulted inside the carrier" };
+        // Straight to fd 2: libtest captures eprintln! of a test.
+        let _ = writeln!(std::io::stderr(), "NOTE: {why} under {what}; rerun {rerun} of {RERUNS}");
+        out = run();
     }
-    assert!(st.success(), "{test_name} failed inside the carrier ({st})");
-    true
+    out
+}
+
+/// For test binaries whose tests share one booted guest (each named test
+/// checks one thing, so a failure hides nothing else): on a host without
+/// hardware KVM, the first of its tests runs the whole binary inside one
+/// carrier, one test at a time, and every test then reports its own result
+/// from that run. Returns true when the caller's result came from there.
+pub fn suite_in_carrier(test_name: &str) -> bool {
+    if !needs_carrier() {
+        return false;
+    }
+    static SUITE: OnceLock<(String, ExitStatus)> = OnceLock::new();
+    let (out, status) = SUITE.get_or_init(|| {
+        let out = in_carrier("this test binary", &["--test-threads=1"], true);
+        (String::from_utf8_lossy(&out.stdout).into_owned(), out.status)
+    });
+    let verdict = out.lines().find_map(|l| {
+        let rest = l.strip_prefix("test ")?.strip_prefix(test_name)?.strip_prefix(" ... ")?;
+        Some(rest.trim().to_string())
+    });
+    match verdict.as_deref() {
+        Some("ok") => true,
+        Some(v) => {
+            // libtest prints a failed test's captured output as a section.
+            let head = format!("---- {test_name} stdout ----");
+            let section: String = out
+                .split(&head)
+                .nth(1)
+                .map(|rest| rest.split("\n---- ").next().unwrap_or(rest).split("\nfailures:").next().unwrap_or(rest).to_string())
+                .unwrap_or_default();
+            panic!("{test_name} inside the carrier: {v}\n{section}");
+        }
+        None => panic!("{test_name} did not run inside the carrier ({status}); its output is above"),
+    }
+}
+
+/// The guest that a test binary's tests share: the one in `slot` if
+/// `usable` says it still is (a test before may have failed with it in any
+/// state), else a new one from `boot`. The tests take turns on the lock.
+pub fn shared<T>(
+    slot: &'static Mutex<Option<T>>,
+    usable: impl Fn(&mut T) -> bool,
+    boot: impl FnOnce() -> T,
+) -> std::sync::MutexGuard<'static, Option<T>> {
+    let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+    if !g.as_mut().is_some_and(usable) {
+        *g = None;
+        *g = Some(boot());
+    }
+    enter_test_netns();
+    g
+}
+
+/// One named test of a suite: its result from the suite's carrier run
+/// (`suite_in_carrier`), or `check` run here on the shared guest that
+/// `guest` hands out.
+pub fn in_suite<T: 'static>(
+    test: &str,
+    guest: impl FnOnce() -> std::sync::MutexGuard<'static, Option<T>>,
+    check: impl FnOnce(&mut T),
+) {
+    if suite_in_carrier(test) {
+        return;
+    }
+    let mut g = guest();
+    check(g.as_mut().expect("the shared guest"));
+}
+
+/// The suite's last test (by name: libtest runs them in name order, one
+/// at a time), which ends the shared guest: the guest, taken out of the
+/// suite's slot; None when the result came from the carrier run.
+pub fn last_in_suite<T: 'static>(
+    test: &str,
+    guest: impl FnOnce() -> std::sync::MutexGuard<'static, Option<T>>,
+) -> Option<T> {
+    if suite_in_carrier(test) {
+        return None;
+    }
+    guest().take()
 }
 
 /// Waits until the monitor of VM `name` answers. Fails at once when the
@@ -437,6 +546,22 @@ pub fn own_netns_with_tap(tap: &str, host_ip: &str) {
     // SAFETY: unshare affects only this thread (and what it spawns).
     assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET) needs root");
     sh(&format!("ip link set lo up && ip tuntap add dev {tap} mode tap && ip addr add {host_ip} dev {tap} && ip link set {tap} up"));
+    let ns = std::fs::File::open("/proc/thread-self/ns/net").expect("open this thread's network namespace");
+    let _ = TEST_NETNS.set(ns);
+}
+
+/// The namespace `own_netns_with_tap` made: tests that share a guest run
+/// on threads of their own, which start in the process's namespace.
+static TEST_NETNS: OnceLock<std::fs::File> = OnceLock::new();
+
+/// Moves this thread into the namespace `own_netns_with_tap` made (if it
+/// made one), where the guest's network is reachable.
+fn enter_test_netns() {
+    if let Some(ns) = TEST_NETNS.get() {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a namespace fd we opened; setns affects this thread only.
+        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns into the test's network namespace");
+    }
 }
 
 /// One request to the demo service at `addr`; its whole answer.
