@@ -11,14 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use dvisor_vmm::api::protocol::{
+use dvisor_api::protocol::{
     encode_line, ApiError, ErrorCode, Event, EventKind, Lifecycle, Reply, Request, ServerMessage,
     Status, MAX_READ_BYTES,
 };
-use dvisor_vmm::api::EventHub;
-use dvisor_vmm::devices::virtio::stats::monotonic_ns;
+use dvisor_api::EventHub;
+use dvisor_api::monotonic_ns;
 
-use crate::client::VmmClient;
+use dvisor_api::{ClientError, VmmClient};
 use crate::control::{ControlEnvelope, ControlRequest, MonitorStatus, VcpuRegs};
 use crate::error::MonitorError;
 use crate::guest_memory::GuestMemoryMap;
@@ -43,17 +43,18 @@ pub struct Monitor {
 
 impl Monitor {
     /// Connects to the VMM's support API (waiting for it to appear) and
-    /// maps guest memory.
-    pub fn attach(api: &Path, vmlinux: Option<PathBuf>) -> Result<Arc<Monitor>, MonitorError> {
+    /// maps guest memory. Kernel profiles are cached under `cache_root`
+    /// when they cannot be kept beside their vmlinux.
+    pub fn attach(api: &Path, vmlinux: Option<PathBuf>, cache_root: PathBuf) -> Result<Arc<Monitor>, MonitorError> {
         let start = Instant::now();
         let vmm = loop {
             match VmmClient::connect(api, "dvisor-monitor") {
                 Ok(c) => break c,
-                Err(e @ MonitorError::Connect(..)) if start.elapsed() < ATTACH_WAIT => {
+                Err(e @ ClientError::Connect(..)) if start.elapsed() < ATTACH_WAIT => {
                     tracing::debug!("waiting for the VMM: {e}");
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         };
         let monitor = Arc::new(Monitor {
@@ -63,7 +64,7 @@ impl Monitor {
             hub: EventHub::default(),
             events_seen: AtomicU64::new(0),
             attached_ns: monotonic_ns(),
-            vmi: crate::introspect::VmiState::new(vmlinux),
+            vmi: crate::introspect::VmiState::new(vmlinux, cache_root),
             patches: crate::patcher::PatchState::default(),
         });
         monitor.remap()?;
@@ -74,7 +75,7 @@ impl Monitor {
     fn remap(&self) -> Result<(), MonitorError> {
         // Between boots there is no memory to map; the Boot event brings
         // us back here.
-        let map = self.vmm.map_memory()?;
+        let map = GuestMemoryMap::from_vmm(&self.vmm)?;
         if let Some(m) = &map {
             tracing::info!(boot = m.boot, size = m.size(), "guest memory mapped");
         }
@@ -191,6 +192,11 @@ impl Monitor {
         }
     }
 
+    /// Passes a request on to the VMM and its reply back.
+    fn forward(&self, request: Request) -> Result<serde_json::Value, MonitorError> {
+        Ok(self.vmm.call(request)?)
+    }
+
     fn handle(&self, req: ControlRequest) -> Result<serde_json::Value, MonitorError> {
         let v = match req {
             ControlRequest::Status => {
@@ -203,9 +209,9 @@ impl Monitor {
                     attached_ns: self.attached_ns,
                 })
             }
-            ControlRequest::Pause => return self.vmm.call(Request::Pause),
+            ControlRequest::Pause => return self.forward(Request::Pause),
             ControlRequest::Snapshot { out, parent, clone } => {
-                return self.vmm.call(Request::Snapshot { out, parent, clone })
+                return self.forward(Request::Snapshot { out, parent, clone })
             }
             ControlRequest::Restore { dir, paused } => {
                 let reply: serde_json::Value = self.vmm.call(Request::Restore { dir, paused })?;
@@ -215,7 +221,7 @@ impl Monitor {
                 self.after_new_boot();
                 return Ok(reply);
             }
-            ControlRequest::Resume => return self.vmm.call(Request::Resume),
+            ControlRequest::Resume => return self.forward(Request::Resume),
             ControlRequest::Regs { vcpu } => {
                 let vcpus = match vcpu {
                     Some(v) => vec![v],
@@ -233,14 +239,14 @@ impl Monitor {
                 serde_json::to_value(all)
             }
             ControlRequest::Keys { text, events, hold_ms, gap_ms } => {
-                return self.vmm.call(Request::Keys {
+                return self.forward(Request::Keys {
                     text,
                     events,
                     hold_ms: hold_ms.unwrap_or(10),
                     gap_ms: gap_ms.unwrap_or(10),
                 })
             }
-            ControlRequest::Stats => return self.vmm.call(Request::Stats),
+            ControlRequest::Stats => return self.forward(Request::Stats),
             ControlRequest::ReadPhys { gpa, len } => {
                 if len > MAX_READ_BYTES {
                     return Err(MonitorError::Api(ApiError::new(ErrorCode::TooLarge, format!("read_phys is limited to {MAX_READ_BYTES} bytes"))));

@@ -26,7 +26,7 @@
 //! `syscall` (a thread taken while it ran user code) is one written.
 use std::time::{Duration, Instant};
 
-use dvisor_vmm::api::protocol::{Regs, Request};
+use dvisor_api::protocol::{Regs, Request};
 
 use crate::daemon::Monitor;
 use crate::error::MonitorError;

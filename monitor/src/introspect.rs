@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use dvisor_vmm::api::protocol::{Request, Sregs, Status};
+use dvisor_api::protocol::{Request, Sregs, Status};
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::Monitor;
@@ -24,6 +24,8 @@ pub struct VmiState {
     view: Mutex<Option<(u64, KernelView)>>,
     /// Overrides the vmlinux found beside the VM's kernel.
     pub vmlinux: Option<PathBuf>,
+    /// Where profiles of kernels in read-only directories are cached.
+    cache_root: PathBuf,
     /// Translations for `--consistent` sessions, cleared before each one:
     /// entries never outlive the pause they were made in.
     cache: Mutex<paging::TranslationCache>,
@@ -39,8 +41,8 @@ pub struct SymbolAnswer {
 }
 
 impl VmiState {
-    pub fn new(vmlinux: Option<PathBuf>) -> Self {
-        VmiState { vmlinux, ..Default::default() }
+    pub fn new(vmlinux: Option<PathBuf>, cache_root: PathBuf) -> Self {
+        VmiState { vmlinux, cache_root, ..Default::default() }
     }
 }
 
@@ -69,7 +71,7 @@ impl Monitor {
                 beside
             }
         };
-        let p = Arc::new(KernelProfile::load_or_build(&path).map_err(|e| MonitorError::Vmi(e.to_string()))?);
+        let p = Arc::new(KernelProfile::load_or_build(&path, &self.vmi.cache_root).map_err(|e| MonitorError::Vmi(e.to_string()))?);
         *g = Some(p.clone());
         Ok(p)
     }

@@ -1,7 +1,6 @@
 //! D-System Monitor: a process outside the VM that attaches to a VMM
 //! through the support API, maps guest memory, follows its events and
 //! serves the operator's control socket (docs/monitor.md).
-pub mod client;
 pub mod control;
 pub mod daemon;
 pub mod error;
@@ -17,7 +16,6 @@ pub mod profile;
 pub mod safety;
 pub mod vmi;
 
-pub use client::VmmClient;
 pub use control::{ControlClient, ControlRequest};
 pub use daemon::Monitor;
 pub use error::MonitorError;

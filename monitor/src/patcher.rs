@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use dvisor_vmm::api::protocol::{Request, RunState};
+use dvisor_api::protocol::{Request, RunState};
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::Monitor;
@@ -253,7 +253,7 @@ impl Monitor {
     /// run (injected calls, threads leaving replaced functions): a VM the
     /// operator paused stays paused and untouched.
     fn require_running(&self, what: &str) -> Result<(), MonitorError> {
-        let s: dvisor_vmm::api::protocol::Status = self.vmm().call(Request::Status)?;
+        let s: dvisor_api::protocol::Status = self.vmm().call(Request::Status)?;
         match s.state {
             RunState::Running => Ok(()),
             RunState::Paused => Err(err(format!("the VM is paused: `dvisor resume` it first, then {what}"))),

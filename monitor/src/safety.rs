@@ -14,7 +14,7 @@
 //! look like one is counted too; that only makes the check refuse more.
 use std::time::{Duration, Instant};
 
-use dvisor_vmm::api::protocol::{Regs, Request, VcpuState};
+use dvisor_api::protocol::{Regs, Request, VcpuState};
 use serde::Deserialize;
 
 use crate::daemon::Monitor;
@@ -117,7 +117,7 @@ impl Monitor {
             Ok(p) => Ok(p.vcpus),
             Err(e) => {
                 let _ = self.vmm().call::<serde_json::Value>(Request::Resume);
-                Err(e)
+                Err(e.into())
             }
         }
     }

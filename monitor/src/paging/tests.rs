@@ -502,7 +502,7 @@ fn random_garbage_tables_never_panic_and_stay_bounded() {
 
 #[test]
 fn guest_memory_map_is_a_phys_memory() {
-    use dvisor_vmm::api::protocol::MemoryRegion;
+    use dvisor_api::protocol::MemoryRegion;
     let f = tempfile::tempfile().unwrap();
     f.set_len(0x20_0000).unwrap();
     // RAM at [0, 1M) and [4M, 5M): a hole between.
@@ -510,7 +510,7 @@ fn guest_memory_map_is_a_phys_memory() {
         MemoryRegion { gpa: 0, size: 0x10_0000, offset: 0 },
         MemoryRegion { gpa: 0x40_0000, size: 0x10_0000, offset: 0x10_0000 },
     ];
-    let m = crate::guest_memory::GuestMemoryMap::map(f.into(), 0x20_0000, regions, 1).unwrap();
+    let m = crate::guest_memory::GuestMemoryMap::map(f, 0x20_0000, regions, 1).unwrap();
     let w = |gpa: u64, v: u64| m.write_phys(gpa, &v.to_le_bytes()).unwrap();
     // PML4 at 0x1000, PDPT 0x2000, PD 0x3000, PT at 0x40_0000 (second region).
     let va = KERNEL_VA;
