@@ -2,18 +2,16 @@
 //! through the support API, maps guest memory, follows its events and
 //! serves the operator's control socket (docs/monitor.md).
 pub mod control;
+pub mod core;
 pub mod daemon;
 pub mod error;
 pub mod guest_memory;
-pub mod inject;
-pub mod introspect;
+
 pub mod paging;
 pub mod patch;
-pub mod patcher;
 pub mod paths;
-pub mod space;
 pub mod profile;
-pub mod safety;
+pub mod services;
 pub mod vmi;
 
 pub use control::{ControlClient, ControlRequest};
