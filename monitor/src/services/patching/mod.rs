@@ -677,3 +677,37 @@ impl PatchService {
         Ok(p)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::image::{ImageGuest, PID};
+
+    #[test]
+    fn revert_puts_the_original_bytes_back_in_one_pause_on_a_memory_image() {
+        let mut g = ImageGuest::new();
+        g.map(0x401000, 0x1000, "/usr/bin/demo");
+        g.poke(0x401850, &[0xe9, 0xab, 0xcd, 0xef, 0x0f]);
+        let svc = PatchService::default();
+        let site = Site { target: "get_message".into(), addr: 0x401850, original: "488d050102".into(), new: "e9abcdef0f".into() };
+        let applied = AppliedPatch {
+            id: 1,
+            pid: PID,
+            object: "v2.o".into(),
+            space: 0x1000_0000,
+            space_len: 0x40,
+            sites: vec![site],
+            timing: Timing::default(),
+            attempts: 1,
+            bodies: Vec::new(),
+            warnings: Vec::new(),
+        };
+        svc.state.lock().unwrap().applied.push(applied);
+        assert!(svc.revert_patch(&g, 2).is_err(), "no such patch");
+        let reverted = svc.revert_patch(&g, 1).unwrap();
+        assert_eq!(reverted.id, 1);
+        assert_eq!(g.peek(0x401850, 5), [0x48, 0x8d, 0x05, 0x01, 0x02]);
+        assert_eq!((g.pauses.get(), g.writes_while_running.get()), (1, 0));
+        assert!(svc.patches().is_empty());
+    }
+}
