@@ -20,10 +20,8 @@ use dvisor_api::protocol::{
     encode_line, ApiError, ErrorCode, Event, EventKind, Lifecycle, Reply, Request, ServerMessage,
     Status, MAX_READ_BYTES,
 };
-use dvisor_api::EventHub;
-use dvisor_api::monotonic_ns;
+use dvisor_api::{monotonic_ns, ClientError, EventHub, VmmClient};
 
-use dvisor_api::{ClientError, VmmClient};
 use crate::control::{ControlEnvelope, ControlRequest, MonitorStatus, VcpuRegs};
 use crate::core::Core;
 use crate::error::MonitorError;
