@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use dvisor_monitor::{paths, VmmClient};
-use dvisor_vmm::api::protocol::{Request, MAX_READ_BYTES};
+use dvisor_api::VmmClient;
+use dvisor_monitor::paths;
+use dvisor_api::protocol::{Request, MAX_READ_BYTES};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Args)]
@@ -117,7 +118,7 @@ fn measure(args: &ApiBenchArgs, api: &std::path::Path) -> anyhow::Result<ApiBenc
         status.push(t.elapsed());
     }
 
-    let map = client.map_memory()?.context("the guest has no memory mapped yet")?;
+    let map = dvisor_monitor::GuestMemoryMap::from_vmm(&client)?.context("the guest has no memory mapped yet")?;
     // The largest region holds the bytes we read.
     let region = map.regions().iter().max_by_key(|r| r.size).context("no memory regions")?.clone();
     let total = (args.read_mib << 20).min(region.size & !0xfffff);

@@ -226,7 +226,7 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<i32> {
     {
         // The monitors of the guests being snapshotted need the kernel
         // profile; built here, natively, it spares the TCG carrier minutes.
-        if let Err(e) = dvisor_monitor::profile::KernelProfile::load_or_build(&image.vmlinux) {
+        if let Err(e) = dvisor_monitor::profile::KernelProfile::load_or_build(&image.vmlinux, &dvisor_images::cache_root()) {
             tracing::warn!("kernel profile of {}: {e}", image.vmlinux.display());
         }
     }

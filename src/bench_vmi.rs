@@ -8,8 +8,9 @@ use clap::Args;
 use dvisor_monitor::paging::{self, PagingMode};
 use dvisor_monitor::profile::KernelProfile;
 use dvisor_monitor::vmi::{Vmi, MSR_LSTAR};
-use dvisor_monitor::{paths, VmmClient};
-use dvisor_vmm::api::protocol::{Request, Sregs};
+use dvisor_api::VmmClient;
+use dvisor_monitor::paths;
+use dvisor_api::protocol::{Request, Sregs};
 use serde::Serialize;
 
 #[derive(Debug, Args)]
@@ -43,7 +44,7 @@ pub fn vmi(args: VmiBenchArgs) -> anyhow::Result<i32> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let profile = KernelProfile::load_or_build(&image.vmlinux)?;
+    let profile = KernelProfile::load_or_build(&image.vmlinux, &dvisor_images::cache_root())?;
     let name = format!("benchvmi{}", std::process::id());
     let mut vm = crate::bench_vm::Vm::boot(&name)?;
     let r = measure(&args, &mut vm, &profile, &name);
@@ -73,7 +74,7 @@ fn median_ms(v: &mut [Duration]) -> f64 {
 
 fn measure(args: &VmiBenchArgs, vm: &mut crate::bench_vm::Vm, profile: &KernelProfile, name: &str) -> anyhow::Result<VmiBench> {
     let client = VmmClient::connect(&paths::api_socket(name), "dvisor-bench")?;
-    let map = client.map_memory()?.context("the guest has no memory mapped yet")?;
+    let map = dvisor_monitor::GuestMemoryMap::from_vmm(&client)?.context("the guest has no memory mapped yet")?;
     let sregs: Sregs = client.call(Request::GetSregs { vcpu: 0 })?;
     let lstar = client.read_msr(0, MSR_LSTAR)?;
     let vmi = Vmi::attach(&map, profile, sregs.cr3, sregs.cr4, lstar)?;

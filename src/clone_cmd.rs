@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 use dvisor_monitor::{paths, ControlRequest};
-use dvisor_vmm::api::protocol::CloneSpec;
-use dvisor_vmm::snapshot::create::CreateReport;
+use dvisor_api::protocol::CloneSpec;
+use dvisor_api::protocol::CreateReport;
 
 use crate::ops::Target;
 

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use dvisor_monitor::control::{MonitorStatus, VcpuRegs};
 use dvisor_monitor::{paths, ControlClient, ControlRequest};
-use dvisor_vmm::api::protocol::{DeviceStats, Event, EventKind, KeyEvent};
+use dvisor_api::protocol::{DeviceStats, Event, EventKind, KeyEvent};
 use serde::Deserialize;
 
 #[derive(Debug, Args)]

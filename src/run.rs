@@ -229,7 +229,7 @@ fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
     // The monitor needs the kernel profile for introspection; building it
     // here, natively, spares a monitor in the TCG carrier the slow part.
     if !dvisor_images::carrier::host_has_hardware_kvm() && std::env::var_os("DVISOR_IN_CARRIER").is_none() {
-        if let Err(e) = dvisor_monitor::profile::KernelProfile::load_or_build(&image.vmlinux) {
+        if let Err(e) = dvisor_monitor::profile::KernelProfile::load_or_build(&image.vmlinux, &dvisor_images::cache_root()) {
             tracing::warn!("kernel profile of {}: {e}", image.vmlinux.display());
         }
     }

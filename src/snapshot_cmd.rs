@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use dvisor_monitor::ControlRequest;
-use dvisor_vmm::api::protocol::{Event, EventKind};
-use dvisor_vmm::snapshot::create::CreateReport;
+use dvisor_api::protocol::{Event, EventKind};
+use dvisor_api::protocol::CreateReport;
 use dvisor_vmm::snapshot::{format, SnapshotError};
 
 use crate::ops::Target;

@@ -1,7 +1,7 @@
 //! Introspection commands through the VM's monitor: ps, maps, mem, kmem,
 //! ksym.
 use clap::Args;
-use dvisor_monitor::introspect::{parse_addr, SymbolAnswer};
+use dvisor_monitor::services::vmi::{parse_addr, SymbolAnswer};
 use dvisor_monitor::vmi::{Process, Vma};
 use dvisor_monitor::ControlRequest;
 use serde::Deserialize;
@@ -265,7 +265,7 @@ fn absolute(p: &std::path::Path) -> std::path::PathBuf {
 }
 
 pub fn patch(cmd: PatchCmd) -> anyhow::Result<i32> {
-    use dvisor_monitor::patcher::AppliedPatch;
+    use dvisor_monitor::services::patching::AppliedPatch;
     match cmd {
         PatchCmd::Apply(a) => {
             let mut c = a.target.connect()?;

@@ -19,8 +19,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{dvisor_json, dvisor_out, heartbeat, Console};
-use dvisor_monitor::VmmClient;
-use dvisor_vmm::api::protocol::{DebugReason, Event, EventKind, Request};
+use dvisor_api::VmmClient;
+use dvisor_api::protocol::{DebugReason, Event, EventKind, Request};
 
 use common::{GUEST_IP, HOST_IP, TAP};
 
@@ -293,7 +293,7 @@ fn guest_debug(api: &str) {
     let _: serde_json::Value = client.call(set).unwrap();
     assert_eq!(client.call::<serde_json::Value>(Request::GetRegs { vcpu: 1 }).unwrap(), regs);
     let lstar = client.read_msr(1, 0xc000_0082).unwrap();
-    let msr = dvisor_vmm::api::protocol::Msr { index: 0xc000_0082, value: lstar };
+    let msr = dvisor_api::protocol::Msr { index: 0xc000_0082, value: lstar };
     let _: serde_json::Value = client.call(Request::SetMsrs { vcpu: 1, msrs: vec![msr] }).unwrap();
     let _: serde_json::Value = client.call(Request::Resume).unwrap();
     assert_eq!(state(&client), "running");

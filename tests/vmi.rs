@@ -14,8 +14,8 @@ use common::{dvisor_json, heartbeat, ps_matches, run_in_guest, service_pid, symb
 use dvisor_monitor::paging::{self, PagingMode, VecMemory};
 use dvisor_monitor::profile::KernelProfile;
 use dvisor_monitor::vmi::{Vmi, VmiError, MSR_LSTAR};
-use dvisor_monitor::VmmClient;
-use dvisor_vmm::api::protocol::{Request, Sregs};
+use dvisor_api::VmmClient;
+use dvisor_api::protocol::{Request, Sregs};
 
 fn boot(name: &str, cmdline: &str) -> Console {
     let mut c = Console::start(&["--vcpus", "2", "--name", name, "--cmdline", cmdline]);
@@ -215,11 +215,11 @@ fn corrupted_copies_fail(name: &str, vmlinux: &std::path::Path) {
     let status = dvisor_json(&["status", "--vm", name]);
     let api = std::path::PathBuf::from(status["api_socket"].as_str().unwrap());
     let client = VmmClient::connect(&api, "vmi-test").unwrap();
-    let profile = KernelProfile::load_or_build(vmlinux).unwrap();
+    let profile = KernelProfile::load_or_build(vmlinux, &dvisor_images::cache_root()).unwrap();
     let _: serde_json::Value = client.call(Request::Pause).unwrap();
     let sregs: Sregs = client.call(Request::GetSregs { vcpu: 0 }).unwrap();
     let lstar = client.read_msr(0, MSR_LSTAR).unwrap();
-    let map = client.map_memory().unwrap().expect("guest memory");
+    let map = dvisor_monitor::GuestMemoryMap::from_vmm(&client).unwrap().expect("guest memory");
     assert_eq!(map.regions().len(), 1, "a 256 MiB guest has one RAM region at 0");
     let mut ram = vec![0u8; map.size() as usize];
     map.read(0, &mut ram).unwrap();

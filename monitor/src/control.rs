@@ -7,11 +7,11 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use dvisor_vmm::api::protocol::{Event, EventKind, KeyEvent, Regs, Sregs};
+use dvisor_api::protocol::{Event, EventKind, KeyEvent, Regs, Sregs};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::client::RawMessage;
+use dvisor_api::client::RawMessage;
 use crate::error::MonitorError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,7 +104,7 @@ pub enum ControlRequest {
         parent: Option<std::path::PathBuf>,
         /// A clone point (see the support API's `snapshot`).
         #[serde(default)]
-        clone: Option<dvisor_vmm::api::protocol::CloneSpec>,
+        clone: Option<dvisor_api::protocol::CloneSpec>,
     },
     /// In-place restore of the VM from snapshot `dir`.
     Restore {
@@ -126,7 +126,7 @@ pub enum ControlRequest {
 pub struct MonitorStatus {
     pub monitor_pid: u32,
     pub api_socket: String,
-    pub vm: dvisor_vmm::api::protocol::Status,
+    pub vm: dvisor_api::protocol::Status,
     /// Events the monitor has seen since it attached.
     pub events_seen: u64,
     pub attached_ns: u64,
@@ -196,7 +196,7 @@ impl ControlClient {
     fn send(&mut self, request: ControlRequest) -> Result<(), MonitorError> {
         let id = self.next_id;
         self.next_id += 1;
-        let line = dvisor_vmm::api::protocol::encode_line(&ControlEnvelope { id, request });
+        let line = dvisor_api::protocol::encode_line(&ControlEnvelope { id, request });
         self.writer.write_all(&line).map_err(|e| MonitorError::Io("writing to the monitor".into(), e))
     }
 

@@ -2,26 +2,32 @@
 //! and serve the operator's control socket. The guest never depends on
 //! this process: kill it and the VM runs on; start it again and it
 //! re-attaches.
+//!
+//! The monitor is a builder (`attach`) and a runtime (`serve`) around the
+//! core (the VMM connection and guest memory, `crate::core`) and its
+//! services (`crate::services`), each with its own state; here they are
+//! only wired to the control socket and the event stream.
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dvisor_vmm::api::protocol::{
+use dvisor_api::protocol::{
     encode_line, ApiError, ErrorCode, Event, EventKind, Lifecycle, Reply, Request, ServerMessage,
     Status, MAX_READ_BYTES,
 };
-use dvisor_vmm::api::EventHub;
-use dvisor_vmm::devices::virtio::stats::monotonic_ns;
+use dvisor_api::{monotonic_ns, ClientError, EventHub, VmmClient};
 
-use crate::client::VmmClient;
 use crate::control::{ControlEnvelope, ControlRequest, MonitorStatus, VcpuRegs};
+use crate::core::Core;
 use crate::error::MonitorError;
-use crate::guest_memory::GuestMemoryMap;
+use crate::services::patching::PatchService;
+use crate::services::vmi::{VmiService, MAX_ACCESS};
+use crate::services::{inject, Live};
 
 /// Events kept for `dvisor events --recent N`.
 const RECENT_EVENTS: usize = 1000;
@@ -31,102 +37,88 @@ const ALL_KINDS: &[EventKind] =
     &[EventKind::Console, EventKind::Io, EventKind::Lifecycle, EventKind::Debug, EventKind::Progress];
 
 pub struct Monitor {
-    vmm: VmmClient,
-    memory: RwLock<Option<GuestMemoryMap>>,
+    core: Core,
+    vmi: VmiService,
+    patches: PatchService,
     recent: Mutex<VecDeque<Event>>,
     hub: EventHub,
     events_seen: AtomicU64,
     attached_ns: u64,
-    pub(crate) vmi: crate::introspect::VmiState,
-    pub(crate) patches: crate::patcher::PatchState,
 }
 
 impl Monitor {
     /// Connects to the VMM's support API (waiting for it to appear) and
-    /// maps guest memory.
-    pub fn attach(api: &Path, vmlinux: Option<PathBuf>) -> Result<Arc<Monitor>, MonitorError> {
+    /// maps guest memory. Kernel profiles are cached under `cache_root`
+    /// when they cannot be kept beside their vmlinux.
+    pub fn attach(api: &Path, vmlinux: Option<PathBuf>, cache_root: PathBuf) -> Result<Arc<Monitor>, MonitorError> {
         let start = Instant::now();
         let vmm = loop {
             match VmmClient::connect(api, "dvisor-monitor") {
                 Ok(c) => break c,
-                Err(e @ MonitorError::Connect(..)) if start.elapsed() < ATTACH_WAIT => {
+                Err(e @ ClientError::Connect(..)) if start.elapsed() < ATTACH_WAIT => {
                     tracing::debug!("waiting for the VMM: {e}");
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         };
         let monitor = Arc::new(Monitor {
-            vmm,
-            memory: RwLock::new(None),
+            core: Core::new(vmm),
+            vmi: VmiService::new(vmlinux, cache_root),
+            patches: PatchService::default(),
             recent: Mutex::new(VecDeque::new()),
             hub: EventHub::default(),
             events_seen: AtomicU64::new(0),
             attached_ns: monotonic_ns(),
-            vmi: crate::introspect::VmiState::new(vmlinux),
-            patches: crate::patcher::PatchState::default(),
         });
-        monitor.remap()?;
+        monitor.core.remap()?;
         Ok(monitor)
-    }
-
-    /// (Re)maps guest RAM: once at attach, again after every reboot.
-    fn remap(&self) -> Result<(), MonitorError> {
-        // Between boots there is no memory to map; the Boot event brings
-        // us back here.
-        let map = self.vmm.map_memory()?;
-        if let Some(m) = &map {
-            tracing::info!(boot = m.boot, size = m.size(), "guest memory mapped");
-        }
-        *self.memory.write().unwrap_or_else(|p| p.into_inner()) = map;
-        Ok(())
     }
 
     /// A reboot or restore: new memory, kernel found again, patches of the
     /// old boot forgotten. Idempotent for the same boot.
     fn after_new_boot(&self) {
-        let old = self.memory.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.boot);
-        if let Err(e) = self.remap() {
+        let old = self.core.boot();
+        if let Err(e) = self.core.remap() {
             tracing::warn!("remapping guest memory after a reboot or restore: {e}");
         }
-        let boot = self.memory.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.boot);
+        let boot = self.core.boot();
         if boot != old || boot.is_none() {
-            self.forget_kernel_view();
-            self.reset_patches(boot.unwrap_or(0));
+            self.vmi.forget_kernel_view();
+            self.patches.reset(boot.unwrap_or(0));
         }
     }
 
     pub fn vmm(&self) -> &VmmClient {
-        &self.vmm
+        self.core.vmm()
     }
 
-    /// Runs `f` on the current guest-memory mapping.
-    pub fn with_memory<T>(&self, f: impl FnOnce(&GuestMemoryMap) -> Result<T, MonitorError>) -> Result<T, MonitorError> {
-        // Attached before the first boot set up its memory, or a Boot
-        // event was missed: try once more before giving up.
-        if self.memory.read().unwrap_or_else(|p| p.into_inner()).is_none() {
-            self.remap()?;
-        }
-        let g = self.memory.read().unwrap_or_else(|p| p.into_inner());
-        match g.as_ref() {
-            Some(m) => f(m),
-            None => Err(MonitorError::Api(ApiError::new(ErrorCode::WrongState, "no guest memory mapped (the guest is rebooting)"))),
-        }
+    /// The guest as the services act on it.
+    fn live(&self) -> Live<'_> {
+        Live { core: &self.core, vmi: &self.vmi }
+    }
+
+    fn with_vmi<T>(
+        &self,
+        consistent: bool,
+        f: impl FnOnce(&crate::vmi::Vmi<'_, crate::GuestMemoryMap>) -> Result<T, crate::vmi::VmiError>,
+    ) -> Result<T, MonitorError> {
+        self.vmi.with_vmi(&self.core, consistent, f)
     }
 
     /// Serves `control` until the VMM goes away. Returns Ok when it does.
     pub fn serve(self: &Arc<Self>, control: &Path) -> Result<(), MonitorError> {
-        let events = self.vmm.subscribe(ALL_KINDS)?;
+        let events = self.vmm().subscribe(ALL_KINDS)?;
         // A boot that began between attach and subscribe sent its Boot
         // event before we listened.
-        if self.memory.read().unwrap_or_else(|p| p.into_inner()).is_none() {
-            if let Err(e) = self.remap() {
+        if self.core.boot().is_none() {
+            if let Err(e) = self.core.remap() {
                 tracing::warn!("mapping guest memory: {e}");
             }
         }
         let listener = bind_control(control)?;
-        let boot = self.memory.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.boot).unwrap_or(0);
-        self.load_patches(control.with_file_name("patches.json"), boot);
+        let boot = self.core.boot().unwrap_or(0);
+        self.patches.load(control.with_file_name("patches.json"), boot);
         let _cleanup = RemoveOnDrop(control.to_owned());
         {
             let me = self.clone();
@@ -155,7 +147,7 @@ impl Monitor {
             }
             self.hub.publish(ev);
         }
-        eprintln!("dvisor monitor: the VMM at {} closed the support API; exiting", self.vmm.path().display());
+        eprintln!("dvisor monitor: the VMM at {} closed the support API; exiting", self.vmm().path().display());
         Ok(())
     }
 
@@ -191,62 +183,67 @@ impl Monitor {
         }
     }
 
+    /// Passes a request on to the VMM and its reply back.
+    fn forward(&self, request: Request) -> Result<serde_json::Value, MonitorError> {
+        Ok(self.vmm().call(request)?)
+    }
+
     fn handle(&self, req: ControlRequest) -> Result<serde_json::Value, MonitorError> {
         let v = match req {
             ControlRequest::Status => {
-                let vm: Status = self.vmm.call(Request::Status)?;
+                let vm: Status = self.vmm().call(Request::Status)?;
                 serde_json::to_value(MonitorStatus {
                     monitor_pid: std::process::id(),
-                    api_socket: self.vmm.path().display().to_string(),
+                    api_socket: self.vmm().path().display().to_string(),
                     vm,
                     events_seen: self.events_seen.load(Ordering::Relaxed),
                     attached_ns: self.attached_ns,
                 })
             }
-            ControlRequest::Pause => return self.vmm.call(Request::Pause),
+            ControlRequest::Pause => return self.forward(Request::Pause),
             ControlRequest::Snapshot { out, parent, clone } => {
-                return self.vmm.call(Request::Snapshot { out, parent, clone })
+                return self.forward(Request::Snapshot { out, parent, clone })
             }
             ControlRequest::Restore { dir, paused } => {
-                let reply: serde_json::Value = self.vmm.call(Request::Restore { dir, paused })?;
+                let reply: serde_json::Value = self.vmm().call(Request::Restore { dir, paused })?;
                 // The restored VM has a new memfd and maybe another kernel
                 // layout. The boot event says so too, but later: a request
                 // right after this reply must not read the old memory.
                 self.after_new_boot();
                 return Ok(reply);
             }
-            ControlRequest::Resume => return self.vmm.call(Request::Resume),
+            ControlRequest::Resume => return self.forward(Request::Resume),
             ControlRequest::Regs { vcpu } => {
                 let vcpus = match vcpu {
                     Some(v) => vec![v],
                     None => {
-                        let s: Status = self.vmm.call(Request::Status)?;
+                        let s: Status = self.vmm().call(Request::Status)?;
                         (0..s.vcpus).collect()
                     }
                 };
                 let mut all = Vec::new();
                 for v in vcpus {
-                    let regs = self.vmm.call(Request::GetRegs { vcpu: v })?;
-                    let sregs = self.vmm.call(Request::GetSregs { vcpu: v })?;
+                    let regs = self.vmm().call(Request::GetRegs { vcpu: v })?;
+                    let sregs = self.vmm().call(Request::GetSregs { vcpu: v })?;
                     all.push(VcpuRegs { vcpu: v, regs, sregs });
                 }
                 serde_json::to_value(all)
             }
             ControlRequest::Keys { text, events, hold_ms, gap_ms } => {
-                return self.vmm.call(Request::Keys {
+                return self.forward(Request::Keys {
                     text,
                     events,
                     hold_ms: hold_ms.unwrap_or(10),
                     gap_ms: gap_ms.unwrap_or(10),
                 })
             }
-            ControlRequest::Stats => return self.vmm.call(Request::Stats),
+            ControlRequest::Stats => return self.forward(Request::Stats),
             ControlRequest::ReadPhys { gpa, len } => {
                 if len > MAX_READ_BYTES {
                     return Err(MonitorError::Api(ApiError::new(ErrorCode::TooLarge, format!("read_phys is limited to {MAX_READ_BYTES} bytes"))));
                 }
                 let mut buf = vec![0u8; len as usize];
-                self.with_memory(|m| m.read(gpa, &mut buf))?;
+                self.core.with_memory(|m| m.read(gpa, &mut buf))?;
                 serde_json::to_value(Reply::Bytes { gpa, hex: hex(&buf) })
             }
             ControlRequest::Ps { consistent } => serde_json::to_value(self.with_vmi(consistent, |v| v.processes())?),
@@ -273,7 +270,7 @@ impl Monitor {
                 serde_json::to_value(Reply::Bytes { gpa: addr, hex: hex(&bytes) })
             }
             ControlRequest::Kmem { target, len, write } => {
-                let addr = self.kernel_address(&target)?;
+                let addr = self.vmi.kernel_address(&self.core, &target)?;
                 let data = write.as_deref().map(unhex).transpose()?;
                 check_len(data.as_ref().map_or(len, |d| d.len() as u64))?;
                 let bytes = self.with_vmi(false, |v| match &data {
@@ -285,18 +282,18 @@ impl Monitor {
                 })?;
                 serde_json::to_value(Reply::Bytes { gpa: addr, hex: hex(&bytes) })
             }
-            ControlRequest::Ksym { query } => serde_json::to_value(self.ksym(&query)?),
+            ControlRequest::Ksym { query } => serde_json::to_value(self.vmi.ksym(&self.core, &query)?),
             ControlRequest::PatchApply { pid, object, commands, binary, unsafe_mode } => {
-                serde_json::to_value(self.apply_patch(pid, &object, &commands, &binary, unsafe_mode)?)
+                serde_json::to_value(self.patches.apply_patch(&self.live(), pid, &object, &commands, &binary, unsafe_mode)?)
             }
-            ControlRequest::PatchList => serde_json::to_value(self.patches()),
-            ControlRequest::PatchRevert { patch } => serde_json::to_value(self.revert_patch(patch)?),
+            ControlRequest::PatchList => serde_json::to_value(self.patches.patches()),
+            ControlRequest::PatchRevert { patch } => serde_json::to_value(self.patches.revert_patch(&self.live(), patch)?),
             ControlRequest::Syscall { pid, nr, args } => {
                 let mut a = [0u64; 6];
                 for (d, s) in a.iter_mut().zip(&args) {
                     *d = *s;
                 }
-                serde_json::to_value(serde_json::json!({ "rax": self.inject_syscall(pid, nr, a)? }))
+                serde_json::to_value(serde_json::json!({ "rax": inject::inject_syscall(&self.live(), pid, nr, a)? }))
             }
             ControlRequest::Events { .. } => unreachable!("streamed by serve_client"),
         };
@@ -346,10 +343,10 @@ fn unhex(s: &str) -> Result<Vec<u8>, MonitorError> {
 }
 
 fn check_len(len: u64) -> Result<(), MonitorError> {
-    if len == 0 || len > crate::introspect::MAX_ACCESS {
+    if len == 0 || len > MAX_ACCESS {
         return Err(MonitorError::Api(ApiError::new(
             ErrorCode::OutOfRange,
-            format!("length {len}: use 1 to {} bytes", crate::introspect::MAX_ACCESS),
+            format!("length {len}: use 1 to {} bytes", MAX_ACCESS),
         )));
     }
     Ok(())

@@ -1,12 +1,14 @@
 //! Errors of the monitor, each naming the thing and the fix.
 use std::path::PathBuf;
 
-use dvisor_vmm::api::protocol::ApiError;
+use dvisor_api::protocol::ApiError;
+use dvisor_api::ClientError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
-    #[error("cannot connect to {0}: {1} (is the VM running? start it with `dvisor run`, or pass the right --attach/--vm)")]
-    Connect(PathBuf, std::io::Error),
+    /// The support-API connection failed in a way of its own (connect).
+    #[error(transparent)]
+    Client(ClientError),
     #[error("the VMM at {0} closed the connection (the VM stopped?)")]
     Disconnected(PathBuf),
     #[error("the VMM refused: {0}")]
@@ -32,4 +34,16 @@ pub enum MonitorError {
     PatchInput(String),
     #[error("{0} is already served by a running monitor (pid {1})")]
     MonitorRunning(PathBuf, String),
+}
+
+impl From<ClientError> for MonitorError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Disconnected(p) => MonitorError::Disconnected(p),
+            ClientError::Api(e) => MonitorError::Api(e),
+            ClientError::Protocol(m) => MonitorError::Protocol(m),
+            ClientError::Io(what, e) => MonitorError::Io(what, e),
+            e @ ClientError::Connect(..) => MonitorError::Client(e),
+        }
+    }
 }

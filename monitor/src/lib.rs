@@ -1,23 +1,19 @@
 //! D-System Monitor: a process outside the VM that attaches to a VMM
 //! through the support API, maps guest memory, follows its events and
 //! serves the operator's control socket (docs/monitor.md).
-pub mod client;
 pub mod control;
+pub mod core;
 pub mod daemon;
 pub mod error;
 pub mod guest_memory;
-pub mod inject;
-pub mod introspect;
+
 pub mod paging;
 pub mod patch;
-pub mod patcher;
 pub mod paths;
-pub mod space;
 pub mod profile;
-pub mod safety;
+pub mod services;
 pub mod vmi;
 
-pub use client::VmmClient;
 pub use control::{ControlClient, ControlRequest};
 pub use daemon::Monitor;
 pub use error::MonitorError;

@@ -357,7 +357,7 @@ fn in_carrier(what: &str, args: &[&str], capture: bool) -> std::process::Output 
     // Build the kernel profile natively: inside the TCG carrier it would
     // take the monitor minutes.
     if let Ok(image) = dvisor_images::current_guest_image() {
-        let _ = dvisor_monitor::profile::KernelProfile::load_or_build(&image.vmlinux);
+        let _ = dvisor_monitor::profile::KernelProfile::load_or_build(&image.vmlinux, &dvisor_images::cache_root());
     }
     // One carrier at a time per test binary: two nested guests on TCG
     // starve each other (and the carrier's KVM then misbehaves).

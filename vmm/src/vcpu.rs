@@ -8,7 +8,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::api::protocol::{DebugReason, Event};
 use crate::api::EventHub;
 use crate::cpu;
-use crate::devices::virtio::stats::monotonic_ns;
+use dvisor_api::monotonic_ns;
 use crate::devices::{MmioBus, PioBus};
 use crate::lifecycle::{EventSender, VmEvent};
 use crate::signals;

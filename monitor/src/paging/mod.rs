@@ -13,6 +13,8 @@ mod error;
 mod phys;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+pub(crate) mod test_tables;
 
 pub use access::{read_virt, write_virt};
 pub use bench::bench_translations;

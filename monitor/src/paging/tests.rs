@@ -7,79 +7,7 @@ const US: u64 = PTE_USER;
 const G: u64 = PTE_GLOBAL;
 const NX: u64 = PTE_NX;
 
-/// Page tables built in the first MiB of a VecMemory; data pages above.
-struct Tables {
-    mem: VecMemory,
-    next: u64,
-    root: u64,
-    mode: PagingMode,
-}
-
-const TABLE_AREA_END: u64 = 0x10_0000;
-
-impl Tables {
-    fn new(mode: PagingMode, size: usize) -> Self {
-        let mut t = Tables { mem: VecMemory::new(size), next: 0x1000, root: 0, mode };
-        t.root = t.alloc();
-        t
-    }
-
-    fn alloc(&mut self) -> u64 {
-        let p = self.next;
-        assert!(p < TABLE_AREA_END, "test table area full");
-        self.next += 0x1000;
-        p
-    }
-
-    fn cr3(&self) -> u64 {
-        self.root
-    }
-
-    /// Map one page of `size` at `va` to `pa`; new intermediate entries get
-    /// P|RW|US, the leaf gets `flags` (PS added for large pages).
-    fn map(&mut self, va: u64, pa: u64, size: PageSize, flags: u64) {
-        let leaf = size.leaf_level();
-        let mut table = self.root;
-        for &level in self.mode.levels() {
-            let slot = table + ((va >> level.shift()) & 0x1ff) * 8;
-            if level == leaf {
-                let ps = if leaf == Level::Pt { 0 } else { PTE_PS };
-                self.mem.write_u64(slot, pa | flags | ps).unwrap();
-                return;
-            }
-            let mut e = self.mem.read_u64(slot).unwrap();
-            if e & P == 0 {
-                e = self.alloc() | P | RW | US;
-                self.mem.write_u64(slot, e).unwrap();
-            }
-            table = e & PHYS_ADDR_MASK;
-        }
-    }
-
-    /// The guest-physical address of the entry for `va` at `level`.
-    fn slot(&self, va: u64, level: Level) -> u64 {
-        let mut table = self.root;
-        for &l in self.mode.levels() {
-            let slot = table + ((va >> l.shift()) & 0x1ff) * 8;
-            if l == level {
-                return slot;
-            }
-            table = self.mem.read_u64(slot).unwrap() & PHYS_ADDR_MASK;
-        }
-        panic!("no {level} in {:?}", self.mode)
-    }
-
-    fn modify(&self, va: u64, level: Level, set: u64, clear: u64) -> u64 {
-        let slot = self.slot(va, level);
-        let e = (self.mem.read_u64(slot).unwrap() | set) & !clear;
-        self.mem.write_u64(slot, e).unwrap();
-        e
-    }
-
-    fn tr(&self, va: u64) -> Result<Translation, PagingError> {
-        translate(&self.mem, self.cr3(), self.mode, va)
-    }
-}
+use super::test_tables::Tables;
 
 /// xorshift64*: deterministic, seedable, good enough for test inputs.
 struct Rng(u64);
@@ -502,7 +430,7 @@ fn random_garbage_tables_never_panic_and_stay_bounded() {
 
 #[test]
 fn guest_memory_map_is_a_phys_memory() {
-    use dvisor_vmm::api::protocol::MemoryRegion;
+    use dvisor_api::protocol::MemoryRegion;
     let f = tempfile::tempfile().unwrap();
     f.set_len(0x20_0000).unwrap();
     // RAM at [0, 1M) and [4M, 5M): a hole between.
@@ -510,7 +438,7 @@ fn guest_memory_map_is_a_phys_memory() {
         MemoryRegion { gpa: 0, size: 0x10_0000, offset: 0 },
         MemoryRegion { gpa: 0x40_0000, size: 0x10_0000, offset: 0x10_0000 },
     ];
-    let m = crate::guest_memory::GuestMemoryMap::map(f.into(), 0x20_0000, regions, 1).unwrap();
+    let m = crate::guest_memory::GuestMemoryMap::map(f, 0x20_0000, regions, 1).unwrap();
     let w = |gpa: u64, v: u64| m.write_phys(gpa, &v.to_le_bytes()).unwrap();
     // PML4 at 0x1000, PDPT 0x2000, PD 0x3000, PT at 0x40_0000 (second region).
     let va = KERNEL_VA;

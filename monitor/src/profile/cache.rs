@@ -1,5 +1,7 @@
 //! The profile cache: `kernel-profile.json` beside the vmlinux, else (an
 //! image directory that is not writable) `<cache root>/profiles/<key>.json`.
+//! The cache root is the caller's (the CLI passes the one its guest images
+//! live under): the monitor does not decide where caches live.
 //!
 //! A cache entry is used only if its format and version match and it was
 //! made from this very file: the file's stamp (size, mtime, inode, device)
@@ -50,18 +52,16 @@ pub fn cache_file_beside(vmlinux: &Path) -> PathBuf {
     vmlinux.with_file_name(file)
 }
 
-/// `<cache root>/profiles/<hash of the vmlinux's absolute path>.json`, where
-/// the cache root is `$DVISOR_CACHE_DIR`, else `$XDG_CACHE_HOME/dvisor`,
-/// else `~/.cache/dvisor`.
-pub fn fallback_cache_file(vmlinux: &Path) -> PathBuf {
+/// `<cache root>/profiles/<hash of the vmlinux's absolute path>.json`.
+pub fn fallback_cache_file(vmlinux: &Path, cache_root: &Path) -> PathBuf {
     let abs = std::fs::canonicalize(vmlinux).unwrap_or_else(|_| vmlinux.to_path_buf());
     let key = bytes::hex(&Sha256::digest(abs.as_os_str().as_encoded_bytes()));
-    dvisor_images::cache_root().join("profiles").join(format!("{}.json", &key[..32]))
+    cache_root.join("profiles").join(format!("{}.json", &key[..32]))
 }
 
 
-pub fn load_or_build(vmlinux: &Path) -> Result<KernelProfile, ProfileError> {
-    load_or_build_at(vmlinux, &[cache_file_beside(vmlinux), fallback_cache_file(vmlinux)])
+pub fn load_or_build(vmlinux: &Path, cache_root: &Path) -> Result<KernelProfile, ProfileError> {
+    load_or_build_at(vmlinux, &[cache_file_beside(vmlinux), fallback_cache_file(vmlinux, cache_root)])
 }
 
 /// [`load_or_build`] with the cache places given, first choice first.

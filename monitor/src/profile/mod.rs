@@ -134,9 +134,10 @@ impl KernelProfile {
     }
 
     /// Loads the cached profile of `vmlinux`, or builds and caches it
-    /// (see [`cache`] for where and how it is validated).
-    pub fn load_or_build(vmlinux: &Path) -> Result<Self, ProfileError> {
-        cache::load_or_build(vmlinux)
+    /// (see [`cache`] for where and how it is validated); `cache_root`
+    /// holds the profiles of kernels whose own directory is read-only.
+    pub fn load_or_build(vmlinux: &Path, cache_root: &Path) -> Result<Self, ProfileError> {
+        cache::load_or_build(vmlinux, cache_root)
     }
 
     fn names(&self) -> &[u32] {

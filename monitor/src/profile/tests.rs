@@ -289,7 +289,7 @@ fn cache_round_trip_and_invalidation() {
 
 #[test]
 fn missing_vmlinux_names_the_fix() {
-    let err = KernelProfile::load_or_build(Path::new("/nonexistent/dvisor/vmlinux")).map(|_| ());
+    let err = KernelProfile::load_or_build(Path::new("/nonexistent/dvisor/vmlinux"), Path::new("/nonexistent/dvisor/cache")).map(|_| ());
     let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(msg.contains("/nonexistent/dvisor/vmlinux") && msg.contains("dvisor image build"), "{msg}");
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

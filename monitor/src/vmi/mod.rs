@@ -15,7 +15,7 @@ use crate::profile::{Field, KernelProfile};
 
 pub use kaslr::{slide_from_lstar, MSR_LSTAR};
 pub use maps::Vma;
-pub use tasks::{Process, TaskState};
+pub use tasks::{Process, TaskState, UserState};
 
 /// Most tasks a walk visits before it calls the list corrupt.
 pub const MAX_TASKS: usize = 65_536;

@@ -167,3 +167,48 @@ mod tests {
         assert_eq!(TaskState::from_raw(4, 0).0, 'T');
     }
 }
+
+/// Where a thread is in user mode: its instruction and stack pointers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserState {
+    pub rip: u64,
+    pub rsp: u64,
+}
+
+/// x86-64 kernel stacks are 16 KiB (THREAD_SIZE without KASAN); the user
+/// `pt_regs` sit at their top.
+const THREAD_SIZE: u64 = 16 * 1024;
+
+/// A task's threads and saved registers: what live patching and syscall
+/// injection need to know of a process beyond the process list.
+impl<M: PhysRead> Vmi<'_, M> {
+    /// A task's `__state`: 0 is TASK_RUNNING (on a CPU or runnable).
+    pub fn task_state_raw(&self, task: u64) -> Result<u64, VmiError> {
+        self.read_field(task, &self.profile.layouts.task_struct.state)
+    }
+
+    /// The user registers saved at the top of a task's kernel stack.
+    pub fn saved_user_state(&self, task: u64) -> Result<UserState, VmiError> {
+        let l = &self.profile.layouts;
+        let field = |name: &str| l.fields.get(name).ok_or_else(|| VmiError::Profile(name.into()));
+        let size = l.sizes.get("pt_regs").copied().ok_or_else(|| VmiError::Profile("sizeof(pt_regs)".into()))?;
+        let regs = self.read_field(task, &l.task_struct.stack)? + THREAD_SIZE - size;
+        Ok(UserState { rip: self.read_field(regs, field("pt_regs.ip")?)?, rsp: self.read_field(regs, field("pt_regs.sp")?)? })
+    }
+
+    /// Every thread (task) of a process: its thread group, the leader first.
+    pub fn threads_of(&self, p: &Process) -> Result<Vec<u64>, VmiError> {
+        let t = &self.profile.layouts.task_struct;
+        let Some(group) = t.thread_group.as_ref() else { return Ok(vec![p.task]) };
+        let mut out = vec![p.task];
+        let mut next = self.read_u64(p.task + group.offset)?;
+        while next.wrapping_sub(group.offset) != p.task {
+            if out.len() > MAX_TASKS {
+                return Err(VmiError::Corrupt("thread group list loops".into()));
+            }
+            out.push(next.wrapping_sub(group.offset));
+            next = self.read_u64(next)?;
+        }
+        Ok(out)
+    }
+}

@@ -12,14 +12,16 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VmFd;
+use dvisor_api::fdpass::send_with_fd;
+use dvisor_api::monotonic_ns;
+use dvisor_api::protocol::*;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::convert;
 use super::events::EventHub;
-use super::protocol::*;
 use crate::devices::i8042::I8042;
 use crate::devices::keymap;
-use crate::devices::virtio::stats::{monotonic_ns, StatsHandle};
+use crate::devices::virtio::stats::StatsHandle;
 use crate::memory::GuestMemory;
 use crate::vcpu_control::VcpuControl;
 
@@ -262,7 +264,7 @@ impl Connection {
         let bytes = encode_line(msg);
         let Ok(w) = self.writer.lock() else { return false };
         match fd {
-            Some(f) => super::fdpass::send_with_fd(&w, &bytes, f.as_raw_fd()).is_ok(),
+            Some(f) => send_with_fd(&w, &bytes, f.as_raw_fd()).is_ok(),
             None => (&*w).write_all(&bytes).is_ok(),
         }
     }

@@ -73,19 +73,7 @@ pub struct Progress {
     pub bytes_total: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct CreateReport {
-    pub dir: PathBuf,
-    pub id: String,
-    pub kind: SnapshotKind,
-    pub was_paused: bool,
-    pub pause_ns: u64,
-    pub total_ns: u64,
-    pub precopy_rounds: u32,
-    pub pages_in_layer: u64,
-    pub bytes_written: u64,
-    pub last_round_pages: u64,
-}
+pub use dvisor_api::protocol::CreateReport;
 
 /// The parent chain's content, mapped read-only, for comparing pages.
 struct ParentView {

@@ -72,12 +72,8 @@ pub struct ManifestDisk {
     pub identity: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotKind {
-    Full,
-    Incremental,
-}
+/// Also on the wire (a snapshot's report), so the support API defines it.
+pub use dvisor_api::protocol::SnapshotKind;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParentRef {

@@ -4,46 +4,14 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use dvisor_api::monotonic_ns;
 use serde::{Deserialize, Serialize};
 
 /// Records kept per device; older ones are dropped (and counted).
 pub const DEFAULT_RECORDS: usize = 4096;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IoKind {
-    Read,
-    Write,
-    Flush,
-    Rx,
-    Tx,
-}
-
-/// One operation. `t_ns` is CLOCK_MONOTONIC, the clock the monitor and the
-/// VMM share on one host, so times compare across processes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IoRecord {
-    pub t_ns: u64,
-    pub kind: IoKind,
-    pub bytes: u64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IoTotals {
-    pub read_ops: u64,
-    pub read_bytes: u64,
-    pub write_ops: u64,
-    pub write_bytes: u64,
-    pub flush_ops: u64,
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    /// Requests that failed: malformed chains, I/O errors, refused writes.
-    pub errors: u64,
-    /// Frames lost: no room in the guest's buffer, or the host refused.
-    pub dropped: u64,
-}
+// The wire types of these stats are the support API's.
+pub use dvisor_api::protocol::{IoKind, IoRecord, IoTotals};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IoStats {
@@ -126,14 +94,6 @@ impl StatsHandle {
         // Counters stay meaningful after a panic elsewhere; keep counting.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always
-    // exists on Linux, and on failure `ts` stays zero.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
 }
 
 #[cfg(test)]

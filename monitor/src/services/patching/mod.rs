@@ -12,21 +12,29 @@
 //! patch redirected hold later code-only patches, and only an area that
 //! becomes entirely free is unmapped. The applied patches and the maps are
 //! saved beside the control socket, so a restarted monitor knows them.
-//! The safe-mode check is in `safety.rs`.
+//!
+//! As livepatch splits its core, patches and transition, the parts are
+//! separate modules: this one holds the service (state, apply, revert,
+//! persistence), `safety` the safe-mode check and guarded write, `space`
+//! the patch-space free map. All of it works on a `Guest`, not on the
+//! monitor, so it runs on a memory image in unit tests.
+pub mod safety;
+pub mod space;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use dvisor_vmm::api::protocol::{Request, RunState};
+use dvisor_api::protocol::RunState;
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::Monitor;
 use crate::error::MonitorError;
 use crate::patch::{self, Action, CommandFile, PatchObject, RegisterAssumptions, ResolvedAction, TargetSymbol};
-use crate::safety::{BACKOFF, RETRIES};
-use crate::space::{Range, SpaceMap};
-use crate::vmi::VmiError;
+use crate::services::inject::inject_syscall;
+use crate::services::{Guest, ProcessInfo};
+use safety::{BACKOFF, RETRIES};
+use space::{Range, SpaceMap};
 
 const PAGE: u64 = 4096;
 /// Where the first patch area is asked for: low, so that rel32 jumps and
@@ -117,8 +125,9 @@ struct Saved {
 
 const STATE_FORMAT: u32 = 1;
 
+/// The patches applied in the current boot, and where they live.
 #[derive(Default)]
-pub struct PatchState {
+pub struct PatchService {
     state: Mutex<Saved>,
     file: Mutex<Option<std::path::PathBuf>>,
 }
@@ -167,9 +176,15 @@ fn patch_err(e: patch::PatchError) -> MonitorError {
     MonitorError::PatchInput(e.to_string())
 }
 
+fn read_process(g: &impl Guest, pid: u32, va: u64, len: usize) -> Result<Vec<u8>, MonitorError> {
+    let mut b = vec![0u8; len];
+    g.read_user(g.process(pid)?.pgd, va, &mut b)?;
+    Ok(b)
+}
+
 /// A `Busy` with the replaced function's name.
-fn describe_busy(b: &crate::safety::Busy, resolved: &[patch::ResolvedCommand]) -> String {
-    use crate::safety::Busy;
+fn describe_busy(b: &safety::Busy, resolved: &[patch::ResolvedCommand]) -> String {
+    use safety::Busy;
     let func = match b {
         Busy::Executing { func, .. } | Busy::ReturnAddress { func, .. } => *func,
     };
@@ -186,40 +201,18 @@ fn describe_busy(b: &crate::safety::Busy, resolved: &[patch::ResolvedCommand]) -
     }
 }
 
-impl Monitor {
-    fn read_process(&self, pid: u32, va: u64, len: usize) -> Result<Vec<u8>, MonitorError> {
-        let mut b = vec![0u8; len];
-        self.with_vmi(false, |v| {
-            let p = v.process_by_pid(pid)?;
-            let pgd = v.mm_pgd(p.mm)?;
-            v.read_user(pgd, va, &mut b)
-        })?;
-        Ok(b)
-    }
-
-    /// The page-table root and the threads of `pid`.
-    fn process_handles(&self, pid: u32) -> Result<(u64, Vec<u64>), MonitorError> {
-        self.with_vmi(false, |v| {
-            let p = v.process_by_pid(pid)?;
-            if p.mm == 0 {
-                return Err(VmiError::KernelThread(pid));
-            }
-            Ok((v.mm_pgd(p.mm)?, v.threads_of(&p)?))
-        })
-    }
-
+impl PatchService {
     /// Writes all `(addr, bytes)` or, if any page is not mapped, none.
-    fn write_process(&self, pid: u32, writes: &[(u64, Vec<u8>)]) -> Result<(), MonitorError> {
-        let (pgd, _) = self.process_handles(pid)?;
-        self.write_pgd(pgd, writes)
+    fn write_process(&self, g: &impl Guest, pid: u32, writes: &[(u64, Vec<u8>)]) -> Result<(), MonitorError> {
+        safety::write_all(g, g.process(pid)?.pgd, writes)
     }
 
     /// The patch space must be mapped writable page by page: a read-only
     /// entry there would be a shared page (the zero page, a COW copy), and
     /// writing it through physical memory would change it for everyone.
-    fn check_private_writable(&self, pid: u32, start: u64, len: u64) -> Result<(), MonitorError> {
+    fn check_private_writable(&self, g: &impl Guest, pid: u32, start: u64, len: u64) -> Result<(), MonitorError> {
         let pages: Vec<u64> = ((start & !(PAGE - 1))..start + len).step_by(PAGE as usize).collect();
-        for (page, t) in pages.iter().zip(self.translate_pages(pid, &pages)?) {
+        for (page, t) in pages.iter().zip(self.translate_pages(g, pid, &pages)?) {
             if !t.writable {
                 return Err(err(format!(
                     "patch space page {page:#x} of pid {pid} is mapped read-only (shared page at {:#x}); refusing to write it",
@@ -231,30 +224,16 @@ impl Monitor {
     }
 
     /// How each of `pages` of process `pid` is mapped now.
-    fn translate_pages(&self, pid: u32, pages: &[u64]) -> Result<Vec<crate::paging::Translation>, MonitorError> {
-        let (pgd, _) = self.process_handles(pid)?;
-        self.with_vmi(false, |v| pages.iter().map(|&p| Ok(crate::paging::translate(v.mem, pgd, v.mode(), p)?)).collect())
-    }
-
-    pub(crate) fn write_pgd(&self, pgd: u64, writes: &[(u64, Vec<u8>)]) -> Result<(), MonitorError> {
-        self.with_vmi(false, |v| {
-            for (addr, data) in writes {
-                let mut probe = vec![0u8; data.len()];
-                v.read_user(pgd, *addr, &mut probe)?;
-            }
-            for (addr, data) in writes {
-                v.write_user(pgd, *addr, data)?;
-            }
-            Ok(())
-        })
+    fn translate_pages(&self, g: &impl Guest, pid: u32, pages: &[u64]) -> Result<Vec<crate::paging::Translation>, MonitorError> {
+        let pgd = g.process(pid)?.pgd;
+        pages.iter().map(|&p| g.translate(pgd, p)).collect()
     }
 
     /// A patch pauses and resumes the VM itself, and needs the process to
     /// run (injected calls, threads leaving replaced functions): a VM the
     /// operator paused stays paused and untouched.
-    fn require_running(&self, what: &str) -> Result<(), MonitorError> {
-        let s: dvisor_vmm::api::protocol::Status = self.vmm().call(Request::Status)?;
-        match s.state {
+    fn require_running(&self, g: &impl Guest, what: &str) -> Result<(), MonitorError> {
+        match g.run_state()? {
             RunState::Running => Ok(()),
             RunState::Paused => Err(err(format!("the VM is paused: `dvisor resume` it first, then {what}"))),
             RunState::Stopped => Err(err(format!("the guest is not running (rebooting or shutting down): cannot {what} now"))),
@@ -265,6 +244,7 @@ impl Monitor {
     /// that no thread is inside a replaced function.
     pub fn apply_patch(
         &self,
+        g: &impl Guest,
         pid: u32,
         object_path: &Path,
         commands_path: &Path,
@@ -277,23 +257,23 @@ impl Monitor {
         let cmd_text = String::from_utf8_lossy(&read(commands_path)?).into_owned();
         let cmds = CommandFile::parse(&commands_path.display().to_string(), &cmd_text).map_err(patch_err)?;
         let bin = read(binary)?;
-        let placed = self.program_placement(pid, &bin, binary)?;
+        let placed = self.program_placement(g, pid, &bin, binary)?;
         let program = patch::target_symbols(&bin, placed.load_base).map_err(patch_err)?;
         patch::check(&obj, &cmds, &program).map_err(patch_err)?;
         self.check_not_patched(pid, &cmds, &program)?;
-        self.check_program_matches(pid, &bin, binary, &cmds, &program, placed.load_base)?;
+        Self::check_program_matches(g, pid, &bin, binary, &cmds, &program, placed.load_base)?;
         // Everything is validated before the guest is touched.
-        self.require_running("apply a patch")?;
+        self.require_running(g, "apply a patch")?;
         let len = (patch::required_size(&obj) as u64).max(1);
         let align = obj.required_alignment().max(16);
 
         let t = Instant::now();
         let code_only = obj.is_read_only();
-        let space = self.allocate_space(pid, len, align, placed.hint, code_only)?;
+        let space = self.allocate_space(g, pid, len, align, placed.hint, code_only)?;
         let alloc = t.elapsed();
-        let result = self.apply_in(pid, &obj, &cmds, &program, space, len, unsafe_mode, alloc, &obj_name);
+        let result = self.apply_in(g, pid, &obj, &cmds, &program, space, len, unsafe_mode, alloc, &obj_name);
         if result.is_err() {
-            let _ = self.release_space(pid, Range { start: space, len });
+            let _ = self.release_space(g, pid, Range { start: space, len });
         }
         result.map(|applied| AppliedPatch { warnings: register_warnings(&bin, &cmds, &program, placed.load_base, binary), ..applied })
     }
@@ -302,15 +282,10 @@ impl Monitor {
     /// of its executable's mapping at file offset 0; gcc links a PIE's
     /// first segment at 0) and where to ask for patch space, so that rel32
     /// jumps and calls between program and patch reach.
-    fn program_placement(&self, pid: u32, bin: &[u8], binary: &Path) -> Result<ProgramPlacement, MonitorError> {
+    fn program_placement(&self, g: &impl Guest, pid: u32, bin: &[u8], binary: &Path) -> Result<ProgramPlacement, MonitorError> {
         let pie = patch::target_is_pie(bin).map_err(patch_err)?;
-        let (exe, vmas) = self.with_vmi(false, |v| {
-            let p = v.process_by_pid(pid)?;
-            if p.mm == 0 {
-                return Err(VmiError::KernelThread(pid));
-            }
-            Ok((p.exe.clone(), v.vmas(p.mm)?))
-        })?;
+        let ProcessInfo { exe, .. } = g.process(pid)?;
+        let vmas = g.memory_map(pid)?;
         let mapped: Vec<&crate::vmi::Vma> = vmas.iter().filter(|m| !exe.is_empty() && m.name == exe).collect();
         let low = mapped.iter().map(|m| m.start).min();
         let load_base = if pie {
@@ -356,7 +331,7 @@ impl Monitor {
     /// --binary (another build, another program) would put jumps at
     /// meaningless addresses.
     fn check_program_matches(
-        &self,
+        g: &impl Guest,
         pid: u32,
         bin: &[u8],
         binary: &Path,
@@ -368,7 +343,7 @@ impl Monitor {
             let (patch::Action::Jump { .. }, Some(sym)) = (&c.action, program.get(&c.target)) else { continue };
             let n = sym.size.clamp(1, 16);
             let Some(file) = patch::program_bytes(bin, sym.addr - load_base, n) else { continue };
-            let live = self.read_process(pid, sym.addr, n as usize)?;
+            let live = read_process(g, pid, sym.addr, n as usize)?;
             if live != file {
                 return Err(err(format!(
                     "the code of {} at {:#x} in pid {pid} ({}) is not the code of {} there ({}): is --binary the program this process runs?",
@@ -391,13 +366,13 @@ impl Monitor {
     /// all (and the file). The process is made to write each site's own
     /// bytes back through /proc/self/mem (injected open, pwrite64, close),
     /// the way ptrace pokes text: the kernel copies the page on write.
-    fn make_sites_private(&self, pid: u32, sites: &[Site]) -> Result<(), MonitorError> {
+    fn make_sites_private(&self, g: &impl Guest, pid: u32, sites: &[Site]) -> Result<(), MonitorError> {
         let mut pages: Vec<u64> = sites.iter().map(|s| s.addr & !(PAGE - 1)).collect();
         pages.sort_unstable();
         pages.dedup();
         // A page copied before still maps the same frame; a pid reused by
         // a new process maps other ones.
-        let frames = self.frames_of(pid, &pages)?;
+        let frames = self.frames_of(g, pid, &pages)?;
         let done = self.with_private_pages(pid, |known| pages.iter().zip(&frames).all(|(p, f)| known.get(p) == Some(f)));
         if done {
             return Ok(());
@@ -405,7 +380,7 @@ impl Monitor {
         const PROC_SELF_MEM: &[u8] = b"/proc/self/mem\0";
         const SLOT: u64 = 32;
         let scratch_len = SLOT * (sites.len() as u64 + 1);
-        let scratch = self.allocate_space(pid, scratch_len, 16, SPACE_HINT, false)?;
+        let scratch = self.allocate_space(g, pid, scratch_len, 16, SPACE_HINT, false)?;
         let result = (|| {
             let mut data = vec![0u8; scratch_len as usize];
             data[..PROC_SELF_MEM.len()].copy_from_slice(PROC_SELF_MEM);
@@ -414,16 +389,16 @@ impl Monitor {
                 let at = SLOT as usize * (i + 1);
                 data[at..at + b.len()].copy_from_slice(&b);
             }
-            self.check_private_writable(pid, scratch, scratch_len)?;
-            self.write_process(pid, &[(scratch, data)])?;
-            let fd = self.inject_syscall(pid, SYS_OPEN, [scratch, O_RDWR, 0, 0, 0, 0])? as i64;
+            self.check_private_writable(g, pid, scratch, scratch_len)?;
+            self.write_process(g, pid, &[(scratch, data)])?;
+            let fd = inject_syscall(g, pid, SYS_OPEN, [scratch, O_RDWR, 0, 0, 0, 0])? as i64;
             if fd < 0 {
                 return Err(err(format!("pid {pid} could not open /proc/self/mem (errno {}) to copy its code pages", -fd)));
             }
             let mut written = Ok(());
             for (i, s) in sites.iter().enumerate() {
                 let len = (s.original.len() / 2) as u64;
-                let rc = self.inject_syscall(pid, SYS_PWRITE64, [fd as u64, scratch + SLOT * (i as u64 + 1), len, s.addr, 0, 0])?;
+                let rc = inject_syscall(g, pid, SYS_PWRITE64, [fd as u64, scratch + SLOT * (i as u64 + 1), len, s.addr, 0, 0])?;
                 if rc != len {
                     written = Err(err(format!(
                         "pid {pid} could not copy the page of {} at {:#x} (pwrite64 returned {})",
@@ -432,24 +407,24 @@ impl Monitor {
                     break;
                 }
             }
-            self.inject_syscall(pid, SYS_CLOSE, [fd as u64, 0, 0, 0, 0, 0])?;
+            inject_syscall(g, pid, SYS_CLOSE, [fd as u64, 0, 0, 0, 0, 0])?;
             written
         })();
-        self.release_space(pid, Range { start: scratch, len: scratch_len })?;
+        self.release_space(g, pid, Range { start: scratch, len: scratch_len })?;
         result?;
-        let frames = self.frames_of(pid, &pages)?;
+        let frames = self.frames_of(g, pid, &pages)?;
         self.with_private_pages(pid, |known| known.extend(pages.into_iter().zip(frames)));
         self.save_patches();
         Ok(())
     }
 
     /// The guest-physical frame behind each page of `pid`.
-    fn frames_of(&self, pid: u32, pages: &[u64]) -> Result<Vec<u64>, MonitorError> {
-        Ok(self.translate_pages(pid, pages)?.into_iter().map(|t| t.pa).collect())
+    fn frames_of(&self, g: &impl Guest, pid: u32, pages: &[u64]) -> Result<Vec<u64>, MonitorError> {
+        Ok(self.translate_pages(g, pid, pages)?.into_iter().map(|t| t.pa).collect())
     }
 
     fn with_private_pages<T>(&self, pid: u32, f: impl FnOnce(&mut std::collections::BTreeMap<u64, u64>) -> T) -> T {
-        let mut s = self.patches.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         f(s.private_pages.entry(pid).or_default())
     }
 
@@ -457,14 +432,14 @@ impl Monitor {
     /// (injected mmap) only when no free range fits.
     /// `code_only` patches (no writable data) may also go into the bodies
     /// of functions replaced by applied patches.
-    fn allocate_space(&self, pid: u32, len: u64, align: u64, hint: u64, code_only: bool) -> Result<u64, MonitorError> {
+    fn allocate_space(&self, g: &impl Guest, pid: u32, len: u64, align: u64, hint: u64, code_only: bool) -> Result<u64, MonitorError> {
         let taken = self.with_space(pid, |m| if code_only { m.allocate_code(len, align) } else { m.allocate(len, align) });
         if let Some(at) = taken {
             return Ok(at);
         }
         let area_len = len.div_ceil(PAGE) * PAGE;
         let hint = self.with_space(pid, |m| m.areas.iter().map(Range::end).max()).unwrap_or(hint);
-        let area = self.inject_syscall(pid, SYS_MMAP, [hint, area_len, PROT_RWX, MAP_PRIVATE_ANONYMOUS_POPULATE, u64::MAX, 0])?;
+        let area = inject_syscall(g, pid, SYS_MMAP, [hint, area_len, PROT_RWX, MAP_PRIVATE_ANONYMOUS_POPULATE, u64::MAX, 0])?;
         if (area as i64) < 0 {
             return Err(err(format!("mmap in pid {pid} failed with errno {}", -(area as i64))));
         }
@@ -476,9 +451,9 @@ impl Monitor {
     }
 
     /// Returns bytes to the free map and unmaps areas left empty.
-    fn release_space(&self, pid: u32, r: Range) -> Result<(), MonitorError> {
+    fn release_space(&self, g: &impl Guest, pid: u32, r: Range) -> Result<(), MonitorError> {
         for area in self.with_space(pid, |m| m.release(r)) {
-            let rc = self.inject_syscall(pid, SYS_MUNMAP, [area.start, area.len, 0, 0, 0, 0])?;
+            let rc = inject_syscall(g, pid, SYS_MUNMAP, [area.start, area.len, 0, 0, 0, 0])?;
             if rc != 0 {
                 return Err(err(format!("munmap of patch area {:#x} failed with errno {}", area.start, -(rc as i64))));
             }
@@ -488,7 +463,7 @@ impl Monitor {
     }
 
     fn with_space<T>(&self, pid: u32, f: impl FnOnce(&mut SpaceMap) -> T) -> T {
-        let mut s = self.patches.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         f(s.spaces.entry(pid).or_default())
     }
 
@@ -498,30 +473,30 @@ impl Monitor {
     }
 
     /// Where the patch state is kept; loads it if it belongs to `boot`.
-    pub(crate) fn load_patches(&self, file: std::path::PathBuf, boot: u64) {
+    pub fn load(&self, file: std::path::PathBuf, boot: u64) {
         if let Ok(text) = std::fs::read_to_string(&file) {
             match serde_json::from_str::<Saved>(&text) {
                 Ok(s) if s.format == STATE_FORMAT && s.boot == boot => {
                     tracing::info!("{} applied patches restored from {}", s.applied.len(), file.display());
-                    *self.patches.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
+                    *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
                 }
                 Ok(_) => tracing::info!("{} is from another boot; starting with no patches", file.display()),
                 Err(e) => tracing::warn!("ignoring unreadable {}: {e}", file.display()),
             }
         }
-        self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).boot = boot;
-        *self.patches.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).boot = boot;
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
     }
 
     /// A new boot: the old processes and their patches are gone.
-    pub(crate) fn reset_patches(&self, boot: u64) {
-        *self.patches.state.lock().unwrap_or_else(|p| p.into_inner()) = Saved { boot, ..Saved::default() };
+    pub fn reset(&self, boot: u64) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Saved { boot, ..Saved::default() };
         self.save_patches();
     }
 
     fn save_patches(&self) {
-        let Some(file) = self.patches.file.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
-        let mut s = self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(file) = self.file.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
         s.format = STATE_FORMAT;
         let tmp = file.with_extension("json.tmp");
         let ok = serde_json::to_vec_pretty(&s)
@@ -536,6 +511,7 @@ impl Monitor {
     #[allow(clippy::too_many_arguments)]
     fn apply_in(
         &self,
+        g: &impl Guest,
         pid: u32,
         obj: &PatchObject,
         cmds: &CommandFile,
@@ -556,9 +532,9 @@ impl Monitor {
             // A body is program text, read-only to the process; its page
             // was copied for the process when its function was patched.
             if !in_body {
-                self.check_private_writable(pid, space, linked.bytes.len() as u64)?;
+                self.check_private_writable(g, pid, space, linked.bytes.len() as u64)?;
             }
-            self.write_process(pid, &[(space, linked.bytes.clone())])?;
+            self.write_process(g, pid, &[(space, linked.bytes.clone())])?;
         }
         let write_patch = t.elapsed();
 
@@ -577,20 +553,20 @@ impl Monitor {
         }
         let mut sites = Vec::new();
         for (target, addr, bytes) in &writes {
-            let original = self.read_process(pid, *addr, bytes.len())?;
+            let original = read_process(g, pid, *addr, bytes.len())?;
             sites.push(Site { target: target.clone(), addr: *addr, original: hex(&original), new: hex(bytes) });
         }
         let t = Instant::now();
-        self.make_sites_private(pid, &sites)?;
+        self.make_sites_private(g, pid, &sites)?;
         let cow = t.elapsed();
 
         // Found before the pause, so that the pause holds only the check
         // and the writes.
-        let (pgd, tasks) = self.process_handles(pid)?;
-        let vmas = if unsafe_mode { Vec::new() } else { self.with_vmi(false, |v| v.memory_map(pid))? };
+        let ProcessInfo { pgd, tasks, .. } = g.process(pid)?;
+        let vmas = if unsafe_mode { Vec::new() } else { g.memory_map(pid)? };
         let all: Vec<(u64, Vec<u8>)> = writes.iter().map(|(_, a, b)| (*a, b.clone())).collect();
-        let guarded = self.write_when_safe(pgd, &tasks, &vmas, if unsafe_mode { &[] } else { &ranges }, &all)?;
-        let g = match guarded {
+        let guarded = safety::write_when_safe(g, pgd, &tasks, &vmas, if unsafe_mode { &[] } else { &ranges }, &all)?;
+        let guard = match guarded {
             Ok(g) => g,
             Err(busy) => {
                 return Err(err(format!(
@@ -601,24 +577,24 @@ impl Monitor {
             }
         };
         let id = {
-            let mut st = self.patches.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             st.next_id += 1;
             st.next_id
         };
         // The paper's "free": the replaced bodies go to the free map (after
         // the pause: nothing can enter them once the jumps are there).
         let t = Instant::now();
-        let bodies = self.donate_bodies(pid, id, &resolved);
+        let bodies = self.donate_bodies(g, pid, id, &resolved);
         let free = t.elapsed();
         let timing = Timing {
-            attach_us: us(g.attach),
-            check_us: us(g.check),
+            attach_us: us(guard.attach),
+            check_us: us(guard.check),
             alloc_us: us(alloc + cow),
             write_patch_us: us(write_patch),
-            write_jump_us: us(g.write),
+            write_jump_us: us(guard.write),
             free_us: us(free),
-            detach_us: us(g.detach),
-            pause_us: us(g.pause),
+            detach_us: us(guard.detach),
+            pause_us: us(guard.pause),
         };
         let applied = AppliedPatch {
             id,
@@ -628,17 +604,17 @@ impl Monitor {
             space_len: len,
             sites,
             timing,
-            attempts: g.attempts,
+            attempts: guard.attempts,
             bodies,
             warnings: Vec::new(),
         };
-        self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).applied.push(applied.clone());
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).applied.push(applied.clone());
         self.save_patches();
         Ok(applied)
     }
 
     pub fn patches(&self) -> Vec<AppliedPatch> {
-        self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).applied.clone()
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).applied.clone()
     }
 
     /// Gives the free map the bodies of the functions patch `id` just
@@ -646,7 +622,7 @@ impl Monitor {
     /// page the process got its own copy of), when it is big enough. No
     /// thread is in them (the safe-mode check covered the whole function)
     /// and none can enter (the jump). Returns them with their bytes.
-    fn donate_bodies(&self, pid: u32, id: u32, resolved: &[patch::ResolvedCommand]) -> Vec<Site> {
+    fn donate_bodies(&self, g: &impl Guest, pid: u32, id: u32, resolved: &[patch::ResolvedCommand]) -> Vec<Site> {
         let mut out = Vec::new();
         for r in resolved {
             let ResolvedAction::Jump { target_addr, target_size, jump, .. } = &r.action else { continue };
@@ -655,7 +631,7 @@ impl Monitor {
             if end < start + MIN_BODY {
                 continue;
             }
-            let Ok(bytes) = self.read_process(pid, start, (end - start) as usize) else { continue };
+            let Ok(bytes) = read_process(g, pid, start, (end - start) as usize) else { continue };
             self.with_space(pid, |m| m.add_body(Range { start, len: end - start }, id));
             out.push(Site { target: r.target.clone(), addr: start, original: hex(&bytes), new: String::new() });
         }
@@ -666,13 +642,13 @@ impl Monitor {
     /// Bodies it gave to the free map must be empty again; their bytes go
     /// back in the same pause, once no thread executes in or returns into
     /// them (a patch that lived there may just have been reverted).
-    pub fn revert_patch(&self, id: u32) -> Result<AppliedPatch, MonitorError> {
+    pub fn revert_patch(&self, g: &impl Guest, id: u32) -> Result<AppliedPatch, MonitorError> {
         let p = self
             .patches()
             .into_iter()
             .find(|p| p.id == id)
             .ok_or_else(|| err(format!("no applied patch {id}: see `dvisor patch list`")))?;
-        self.require_running("revert a patch")?;
+        self.require_running(g, "revert a patch")?;
         if let Err(used) = self.with_space(p.pid, |m| m.free_bodies_of(id)) {
             let tenant = self
                 .patches()
@@ -688,34 +664,50 @@ impl Monitor {
         let mut writes: Vec<(u64, Vec<u8>)> = p.sites.iter().map(|s| (s.addr, unhex(&s.original))).collect();
         writes.extend(p.bodies.iter().map(|b| (b.addr, unhex(&b.original))));
         let ranges: Vec<(u64, u64)> = p.bodies.iter().map(|b| (b.addr, b.addr + (b.original.len() / 2) as u64)).collect();
-        let (pgd, tasks) = self.process_handles(p.pid)?;
-        let vmas = if ranges.is_empty() { Vec::new() } else { self.with_vmi(false, |v| v.memory_map(p.pid))? };
-        if self.write_when_safe(pgd, &tasks, &vmas, &ranges, &writes)?.is_err() {
+        let ProcessInfo { pgd, tasks, .. } = g.process(p.pid)?;
+        let vmas = if ranges.is_empty() { Vec::new() } else { g.memory_map(p.pid)? };
+        if safety::write_when_safe(g, pgd, &tasks, &vmas, &ranges, &writes)?.is_err() {
             return Err(err(format!(
                 "not safe to revert patch {id} now: a thread is still in the code that was placed in its replaced function's body; retry"
             )));
         }
         self.with_space(p.pid, |m| m.remove_bodies(id)).map_err(|r| err(format!("body {:#x} in use", r.start)))?;
-        self.patches.state.lock().unwrap_or_else(|p| p.into_inner()).applied.retain(|a| a.id != id);
-        self.release_space(p.pid, Range { start: p.space, len: p.space_len })?;
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).applied.retain(|a| a.id != id);
+        self.release_space(g, p.pid, Range { start: p.space, len: p.space_len })?;
         Ok(p)
     }
 }
 
-impl<M: crate::paging::PhysRead> crate::vmi::Vmi<'_, M> {
-    /// Every thread (task) of a process: its thread group.
-    pub fn threads_of(&self, p: &crate::vmi::Process) -> Result<Vec<u64>, VmiError> {
-        let t = &self.profile.layouts.task_struct;
-        let Some(group) = t.thread_group.as_ref() else { return Ok(vec![p.task]) };
-        let mut out = vec![p.task];
-        let mut next = self.read_u64(p.task + group.offset)?;
-        while next.wrapping_sub(group.offset) != p.task {
-            if out.len() > crate::vmi::MAX_TASKS {
-                return Err(VmiError::Corrupt("thread group list loops".into()));
-            }
-            out.push(next.wrapping_sub(group.offset));
-            next = self.read_u64(next)?;
-        }
-        Ok(out)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::image::{ImageGuest, PID};
+
+    #[test]
+    fn revert_puts_the_original_bytes_back_in_one_pause_on_a_memory_image() {
+        let mut g = ImageGuest::new();
+        g.map(0x401000, 0x1000, "/usr/bin/demo");
+        g.poke(0x401850, &[0xe9, 0xab, 0xcd, 0xef, 0x0f]);
+        let svc = PatchService::default();
+        let site = Site { target: "get_message".into(), addr: 0x401850, original: "488d050102".into(), new: "e9abcdef0f".into() };
+        let applied = AppliedPatch {
+            id: 1,
+            pid: PID,
+            object: "v2.o".into(),
+            space: 0x1000_0000,
+            space_len: 0x40,
+            sites: vec![site],
+            timing: Timing::default(),
+            attempts: 1,
+            bodies: Vec::new(),
+            warnings: Vec::new(),
+        };
+        svc.state.lock().unwrap().applied.push(applied);
+        assert!(svc.revert_patch(&g, 2).is_err(), "no such patch");
+        let reverted = svc.revert_patch(&g, 1).unwrap();
+        assert_eq!(reverted.id, 1);
+        assert_eq!(g.peek(0x401850, 5), [0x48, 0x8d, 0x05, 0x01, 0x02]);
+        assert_eq!((g.pauses.get(), g.writes_while_running.get()), (1, 0));
+        assert!(svc.patches().is_empty());
     }
 }

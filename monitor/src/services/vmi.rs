@@ -1,13 +1,15 @@
-//! The monitor's VMI operations: the kernel profile (loaded once), the
-//! kernel's place in the current boot (found once per boot), and the
-//! ps / maps / mem / kmem / ksym answers built on them.
+//! The VMI service: the kernel profile (loaded once), the kernel's place
+//! in the current boot (found once per boot), the VMI sessions the other
+//! services read the guest through, and the ksym answers. The process and
+//! memory views themselves are `crate::vmi`, which knows nothing of the
+//! VMM.
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use dvisor_vmm::api::protocol::{Request, Sregs, Status};
+use dvisor_api::protocol::{Request, Sregs, Status};
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::Monitor;
+use crate::core::{Core, VmControl};
 use crate::error::MonitorError;
 use crate::guest_memory::GuestMemoryMap;
 use crate::paging;
@@ -18,12 +20,14 @@ use crate::vmi::{KernelView, Vmi, VmiError, MSR_LSTAR};
 pub const MAX_ACCESS: u64 = 1 << 20;
 
 #[derive(Default)]
-pub struct VmiState {
+pub struct VmiService {
     profile: Mutex<Option<Arc<KernelProfile>>>,
     /// (boot number, where the kernel is in that boot).
     view: Mutex<Option<(u64, KernelView)>>,
     /// Overrides the vmlinux found beside the VM's kernel.
     pub vmlinux: Option<PathBuf>,
+    /// Where profiles of kernels in read-only directories are cached.
+    cache_root: PathBuf,
     /// Translations for `--consistent` sessions, cleared before each one:
     /// entries never outlive the pause they were made in.
     cache: Mutex<paging::TranslationCache>,
@@ -38,26 +42,25 @@ pub struct SymbolAnswer {
     pub slide: u64,
 }
 
-impl VmiState {
-    pub fn new(vmlinux: Option<PathBuf>) -> Self {
-        VmiState { vmlinux, ..Default::default() }
-    }
-}
 
 fn vmi_err(e: VmiError) -> MonitorError {
     MonitorError::Vmi(e.to_string())
 }
 
-impl Monitor {
-    fn profile(&self) -> Result<Arc<KernelProfile>, MonitorError> {
-        let mut g = self.vmi.profile.lock().unwrap_or_else(|p| p.into_inner());
+impl VmiService {
+    pub fn new(vmlinux: Option<PathBuf>, cache_root: PathBuf) -> Self {
+        VmiService { vmlinux, cache_root, ..Default::default() }
+    }
+
+    fn profile(&self, core: &Core) -> Result<Arc<KernelProfile>, MonitorError> {
+        let mut g = self.profile.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = g.as_ref() {
             return Ok(p.clone());
         }
-        let path = match &self.vmi.vmlinux {
+        let path = match &self.vmlinux {
             Some(p) => p.clone(),
             None => {
-                let s: Status = self.vmm().call(Request::Status)?;
+                let s: Status = core.vmm().call(Request::Status)?;
                 let kernel = PathBuf::from(&s.kernel);
                 let beside = kernel.parent().unwrap_or(Path::new(".")).join("vmlinux");
                 if !beside.exists() {
@@ -69,18 +72,18 @@ impl Monitor {
                 beside
             }
         };
-        let p = Arc::new(KernelProfile::load_or_build(&path).map_err(|e| MonitorError::Vmi(e.to_string()))?);
+        let p = Arc::new(KernelProfile::load_or_build(&path, &self.cache_root).map_err(|e| MonitorError::Vmi(e.to_string()))?);
         *g = Some(p.clone());
         Ok(p)
     }
 
     /// Forgets the kernel's place (a reboot may move it).
-    pub(crate) fn forget_kernel_view(&self) {
-        *self.vmi.view.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    pub fn forget_kernel_view(&self) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    fn kernel_view(&self, mem: &GuestMemoryMap, profile: &KernelProfile) -> Result<KernelView, MonitorError> {
-        let mut g = self.vmi.view.lock().unwrap_or_else(|p| p.into_inner());
+    fn kernel_view(&self, core: &Core, mem: &GuestMemoryMap, profile: &KernelProfile) -> Result<KernelView, MonitorError> {
+        let mut g = self.view.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((boot, v)) = *g {
             if boot == mem.boot {
                 return Ok(v);
@@ -89,16 +92,12 @@ impl Monitor {
         // Read with the VM paused: a vCPU's registers are only read while
         // it is out of the guest anyway, and reading them from a running
         // VM was followed by guest crashes in the carrier (docs/carrier.md).
-        #[derive(Deserialize)]
-        struct Paused {
-            already: bool,
-        }
-        let p: Paused = self.vmm().call(Request::Pause)?;
+        let already = core.pause()?;
         let regs = (|| -> Result<(Sregs, u64), MonitorError> {
-            Ok((self.vmm().call(Request::GetSregs { vcpu: 0 })?, self.vmm().read_msr(0, MSR_LSTAR)?))
+            Ok((core.vmm().call(Request::GetSregs { vcpu: 0 })?, core.vmm().read_msr(0, MSR_LSTAR)?))
         })();
-        if !p.already {
-            let _: serde_json::Value = self.vmm().call(Request::Resume)?;
+        if !already {
+            core.resume()?;
         }
         let (sregs, lstar) = regs?;
         if lstar == 0 {
@@ -113,27 +112,19 @@ impl Monitor {
     /// around it (and resumed only if this call paused it).
     pub fn with_vmi<T>(
         &self,
+        core: &Core,
         consistent: bool,
         f: impl FnOnce(&Vmi<'_, GuestMemoryMap>) -> Result<T, VmiError>,
     ) -> Result<T, MonitorError> {
-        let profile = self.profile()?;
-        #[derive(Deserialize)]
-        struct Paused {
-            already: bool,
-        }
-        let paused_here = if consistent {
-            let p: Paused = self.vmm().call(Request::Pause)?;
-            !p.already
-        } else {
-            false
-        };
-        let result = self.with_memory(|mem| {
-            let view = self.kernel_view(mem, &profile)?;
+        let profile = self.profile(core)?;
+        let paused_here = consistent && !core.pause()?;
+        let result = core.with_memory(|mem| {
+            let view = self.kernel_view(core, mem, &profile)?;
             let vmi = Vmi::with_view(mem, &profile, view);
             if !consistent {
                 return f(&vmi).map_err(vmi_err);
             }
-            let mut cache = self.vmi.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             cache.clear();
             let cell = std::cell::RefCell::new(std::mem::take(&mut *cache));
             let r = f(&vmi.with_cache(&cell)).map_err(vmi_err);
@@ -144,14 +135,14 @@ impl Monitor {
             r
         });
         if paused_here {
-            let _: serde_json::Value = self.vmm().call(Request::Resume)?;
+            core.resume()?;
         }
         result
     }
 
-    pub fn ksym(&self, query: &str) -> Result<SymbolAnswer, MonitorError> {
-        let profile = self.profile()?;
-        let slide = self.with_memory(|mem| Ok(self.kernel_view(mem, &profile)?.slide))?;
+    pub fn ksym(&self, core: &Core, query: &str) -> Result<SymbolAnswer, MonitorError> {
+        let profile = self.profile(core)?;
+        let slide = core.with_memory(|mem| Ok(self.kernel_view(core, mem, &profile)?.slide))?;
         if let Some(addr) = parse_addr(query) {
             let (name, offset) = profile
                 .symbolize(addr.wrapping_sub(slide))
@@ -166,10 +157,10 @@ impl Monitor {
     }
 
     /// Resolves a kmem target: a symbol name or an address.
-    pub fn kernel_address(&self, target: &str) -> Result<u64, MonitorError> {
+    pub fn kernel_address(&self, core: &Core, target: &str) -> Result<u64, MonitorError> {
         match parse_addr(target) {
             Some(a) => Ok(a),
-            None => Ok(self.ksym(target)?.addr),
+            None => Ok(self.ksym(core, target)?.addr),
         }
     }
 }

@@ -10,14 +10,38 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dvisor_vmm::api::fdpass::recv_with_fds;
-use dvisor_vmm::api::protocol::{
-    encode_line, ApiError, Envelope, ErrorCode, Event, Request, PROTOCOL_VERSION,
-};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::error::MonitorError;
+use crate::fdpass::recv_with_fds;
+use crate::protocol::{
+    encode_line, ApiError, Envelope, ErrorCode, Event, EventKind, MemoryRegion, Msr, Request, PROTOCOL_VERSION,
+};
+
+/// What can go wrong on a support-API connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {0}: {1} (is the VM running? start it with `dvisor run`, or pass the right --attach/--vm)")]
+    Connect(PathBuf, std::io::Error),
+    #[error("the VMM at {0} closed the connection (the VM stopped?)")]
+    Disconnected(PathBuf),
+    #[error("the VMM refused: {0}")]
+    Api(ApiError),
+    #[error("support API protocol error: {0}")]
+    Protocol(String),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+/// The guest-RAM memfd as the `memory` reply hands it over, with the
+/// layout to map it by.
+pub struct MemoryGrant {
+    pub fd: OwnedFd,
+    pub size: u64,
+    pub regions: Vec<MemoryRegion>,
+    /// The boot this memory belongs to: a reboot gets a new memfd.
+    pub boot: u64,
+}
 
 /// How long a reply may take. Generous: `keys` replies only after typing.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(600);
@@ -25,7 +49,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(600);
 /// One server line, loosely typed: the request id says what `ok` holds.
 /// The monitor's control socket speaks the same shape (without ids).
 #[derive(Debug, Deserialize)]
-pub(crate) struct RawMessage {
+pub struct RawMessage {
     #[serde(default)]
     pub id: Option<u64>,
     #[serde(default)]
@@ -53,9 +77,9 @@ pub struct VmmClient {
 
 impl VmmClient {
     /// Connects and says hello.
-    pub fn connect(path: &Path, client_name: &str) -> Result<VmmClient, MonitorError> {
-        let stream = UnixStream::connect(path).map_err(|e| MonitorError::Connect(path.to_owned(), e))?;
-        let reader = stream.try_clone().map_err(|e| MonitorError::Io("cloning the API socket".into(), e))?;
+    pub fn connect(path: &Path, client_name: &str) -> Result<VmmClient, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|e| ClientError::Connect(path.to_owned(), e))?;
+        let reader = stream.try_clone().map_err(|e| ClientError::Io("cloning the API socket".into(), e))?;
         let pending: PendingMap = Arc::default();
         let shared_events: Arc<Mutex<Option<Sender<Event>>>> = Arc::default();
         {
@@ -63,7 +87,7 @@ impl VmmClient {
             std::thread::Builder::new()
                 .name("api-reader".into())
                 .spawn(move || read_loop(reader, pending, events))
-                .map_err(|e| MonitorError::Io("starting the API reader".into(), e))?;
+                .map_err(|e| ClientError::Io("starting the API reader".into(), e))?;
         }
         let mut client = VmmClient {
             path: path.to_owned(),
@@ -88,13 +112,13 @@ impl VmmClient {
     }
 
     /// Sends a request and waits for its reply, decoded as `T`.
-    pub fn call<T: DeserializeOwned>(&self, request: Request) -> Result<T, MonitorError> {
+    pub fn call<T: DeserializeOwned>(&self, request: Request) -> Result<T, ClientError> {
         let (value, _fds) = self.call_raw(request)?;
-        serde_json::from_value(value).map_err(|e| MonitorError::Protocol(format!("unexpected reply: {e}")))
+        serde_json::from_value(value).map_err(|e| ClientError::Protocol(format!("unexpected reply: {e}")))
     }
 
     /// Like `call`, also returning descriptors that came with the reply.
-    pub fn call_raw(&self, request: Request) -> Result<(serde_json::Value, Vec<OwnedFd>), MonitorError> {
+    pub fn call_raw(&self, request: Request) -> Result<(serde_json::Value, Vec<OwnedFd>), ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
         self.lock_pending().insert(id, Pending { tx });
@@ -102,60 +126,60 @@ impl VmmClient {
         let sent = self.writer.lock().map(|mut w| w.write_all(&line));
         if !matches!(sent, Ok(Ok(()))) {
             self.lock_pending().remove(&id);
-            return Err(MonitorError::Disconnected(self.path.clone()));
+            return Err(ClientError::Disconnected(self.path.clone()));
         }
         match rx.recv_timeout(REPLY_TIMEOUT) {
             Ok((Ok(v), fds)) => Ok((v, fds)),
-            Ok((Err(e), _)) => Err(MonitorError::Api(e)),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(MonitorError::Disconnected(self.path.clone())),
+            Ok((Err(e), _)) => Err(ClientError::Api(e)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ClientError::Disconnected(self.path.clone())),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 self.lock_pending().remove(&id);
-                Err(MonitorError::Protocol(format!("no reply within {REPLY_TIMEOUT:?}")))
+                Err(ClientError::Protocol(format!("no reply within {REPLY_TIMEOUT:?}")))
             }
         }
     }
 
-    /// Asks for the guest-RAM memfd and maps it. `Ok(None)` between boots.
-    pub fn map_memory(&self) -> Result<Option<crate::GuestMemoryMap>, MonitorError> {
+    /// Asks for the guest-RAM memfd. `Ok(None)` between boots.
+    pub fn memory(&self) -> Result<Option<MemoryGrant>, ClientError> {
         #[derive(Deserialize)]
         struct MemoryReply {
             size: u64,
-            regions: Vec<dvisor_vmm::api::protocol::MemoryRegion>,
+            regions: Vec<MemoryRegion>,
             boot: u64,
         }
         let (value, fds) = match self.call_raw(Request::Memory) {
             Ok(v) => v,
-            Err(MonitorError::Api(e)) if e.code == ErrorCode::WrongState => return Ok(None),
+            Err(ClientError::Api(e)) if e.code == ErrorCode::WrongState => return Ok(None),
             Err(e) => return Err(e),
         };
         let r: MemoryReply =
-            serde_json::from_value(value).map_err(|e| MonitorError::Protocol(format!("memory reply: {e}")))?;
-        let fd = fds.into_iter().next().ok_or_else(|| MonitorError::Protocol("memory reply came without a memfd".into()))?;
-        crate::GuestMemoryMap::map(fd, r.size, r.regions, r.boot).map(Some)
+            serde_json::from_value(value).map_err(|e| ClientError::Protocol(format!("memory reply: {e}")))?;
+        let fd = fds.into_iter().next().ok_or_else(|| ClientError::Protocol("memory reply came without a memfd".into()))?;
+        Ok(Some(MemoryGrant { fd, size: r.size, regions: r.regions, boot: r.boot }))
     }
 
     /// One MSR of one vCPU.
-    pub fn read_msr(&self, vcpu: u32, index: u32) -> Result<u64, MonitorError> {
+    pub fn read_msr(&self, vcpu: u32, index: u32) -> Result<u64, ClientError> {
         #[derive(Deserialize)]
         struct Msrs {
-            msrs: Vec<dvisor_vmm::api::protocol::Msr>,
+            msrs: Vec<Msr>,
         }
         let m: Msrs = self.call(Request::GetMsrs { vcpu, indices: vec![index] })?;
-        m.msrs.first().map(|m| m.value).ok_or_else(|| MonitorError::Protocol(format!("MSR {index:#x} missing from the reply")))
+        m.msrs.first().map(|m| m.value).ok_or_else(|| ClientError::Protocol(format!("MSR {index:#x} missing from the reply")))
     }
 
     /// Sends raw bytes (for tests of the server's error handling).
-    pub fn send_raw(&self, bytes: &[u8]) -> Result<(), MonitorError> {
+    pub fn send_raw(&self, bytes: &[u8]) -> Result<(), ClientError> {
         self.writer
             .lock()
-            .map_err(|_| MonitorError::Disconnected(self.path.clone()))?
+            .map_err(|_| ClientError::Disconnected(self.path.clone()))?
             .write_all(bytes)
-            .map_err(|_| MonitorError::Disconnected(self.path.clone()))
+            .map_err(|_| ClientError::Disconnected(self.path.clone()))
     }
 
     /// Subscribes; events arrive on the returned receiver until the
     /// connection ends (then it disconnects).
-    pub fn subscribe(&self, kinds: &[dvisor_vmm::api::protocol::EventKind]) -> Result<Receiver<Event>, MonitorError> {
+    pub fn subscribe(&self, kinds: &[EventKind]) -> Result<Receiver<Event>, ClientError> {
         let (tx, rx) = mpsc::channel();
         if let Ok(mut e) = self.shared_events.lock() {
             *e = Some(tx);

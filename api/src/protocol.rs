@@ -6,6 +6,8 @@
 //! one line `{"id": N, "ok": {...}}` or `{"id": N, "error": {...}}`.
 //! Subscribed events arrive as `{"event": {...}}` lines in between. The
 //! `memory` reply carries the guest-RAM memfd as SCM_RIGHTS ancillary data.
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -316,7 +318,7 @@ pub enum Reply {
     Stats { devices: Vec<DeviceStats> },
     Bytes { gpa: u64, hex: String },
     Subscribed { kinds: Vec<EventKind> },
-    Snapshot(crate::snapshot::create::CreateReport),
+    Snapshot(CreateReport),
     Restored { restored: bool, boot: u64 },
     /// Dirty pages as runs of (first page, count); page = gpa / 4096.
     DirtyPages { runs: Vec<(u64, u64)>, pages: u64 },
@@ -344,7 +346,66 @@ pub struct Status {
 pub struct DeviceStats {
     pub name: String,
     pub kind: String,
-    pub totals: crate::devices::virtio::stats::IoTotals,
+    pub totals: IoTotals,
+}
+
+/// Per-device I/O accounting as `stats` and `io` events report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoKind {
+    Read,
+    Write,
+    Flush,
+    Rx,
+    Tx,
+}
+
+/// One operation. `t_ns` is CLOCK_MONOTONIC, the clock the monitor and the
+/// VMM share on one host, so times compare across processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoRecord {
+    pub t_ns: u64,
+    pub kind: IoKind,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoTotals {
+    pub read_ops: u64,
+    pub read_bytes: u64,
+    pub write_ops: u64,
+    pub write_bytes: u64,
+    pub flush_ops: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Requests that failed: malformed chains, I/O errors, refused writes.
+    pub errors: u64,
+    /// Frames lost: no room in the guest's buffer, or the host refused.
+    pub dropped: u64,
+}
+
+/// How a `snapshot` went (also what `dvisor snapshot` prints).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreateReport {
+    pub dir: PathBuf,
+    pub id: String,
+    pub kind: SnapshotKind,
+    pub was_paused: bool,
+    pub pause_ns: u64,
+    pub total_ns: u64,
+    pub precopy_rounds: u32,
+    pub pages_in_layer: u64,
+    pub bytes_written: u64,
+    pub last_round_pages: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    Full,
+    Incremental,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -398,7 +459,7 @@ pub enum ServerMessage {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     Console { t_ns: u64, line: String },
-    Io { t_ns: u64, device: String, records: Vec<crate::devices::virtio::stats::IoRecord>, lost: u64 },
+    Io { t_ns: u64, device: String, records: Vec<IoRecord>, lost: u64 },
     Lifecycle { t_ns: u64, what: Lifecycle, detail: String },
     Debug { t_ns: u64, vcpu: u32, reason: DebugReason, rip: u64, dr6: u64 },
     /// Long work (a snapshot) advanced: `done` of `total` bytes.
