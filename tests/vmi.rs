@@ -97,7 +97,7 @@ fn counter_matches(c: &Console, name: &str, service: &std::path::Path) {
     let mem = dvisor_json(&["mem", "--vm", name, &pid, &addr, "8"]);
     dvisor_json(&["resume", "--vm", name]);
     let hex = mem["hex"].as_str().unwrap();
-    let bytes: Vec<u8> = (0..8).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+    let bytes = hex::decode(&hex[..16]).unwrap();
     let value = u64::from_le_bytes(bytes.try_into().unwrap());
     if value == printed + 1 {
         // Paused between the increment and the printf: the next line
