@@ -457,6 +457,9 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
     Ok(NetConfig { tap, mac })
 }
 
+/// A MAC address is six colon-separated hex numbers, each one or two
+/// digits (`2:d5:0:0:0:1` is accepted): not a hex string, so not the `hex`
+/// crate, whose decoder wants exactly two digits a byte and no separators.
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let bad = || format!("bad MAC address {s:?}: expected six hex bytes like 02:d5:00:00:00:01");
     let parts: Vec<&str> = s.split(':').collect();

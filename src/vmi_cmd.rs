@@ -113,6 +113,7 @@ fn print_bytes(b: &Bytes, json: bool) -> anyhow::Result<()> {
     }
     let data = hex::decode(&b.hex).map_err(|e| anyhow::anyhow!("the monitor sent bad hex: {e}"))?;
     for (i, row) in data.chunks(16).enumerate() {
+        // A dump row: bytes separated by spaces, which `hex` does not write.
         let hex: Vec<String> = row.iter().map(|x| format!("{x:02x}")).collect();
         let text: String = row.iter().map(|&c| if (0x20..0x7f).contains(&c) { c as char } else { '.' }).collect();
         println!("{:016x}  {:<47}  {}", b.gpa + 16 * i as u64, hex.join(" "), text);
