@@ -607,36 +607,46 @@ pub fn ps_matches(c: &mut Console, name: &str) {
     let paused = dvisor_json(&["status", "--vm", name]);
     assert_eq!(paused["vm"]["state"], "paused", "--consistent resumed a VM it had not paused");
     dvisor_json(&["resume", "--vm", name]);
-    let guest: std::collections::BTreeSet<(u64, u64, String)> = guest
+    let guest: std::collections::BTreeMap<u64, (u64, String)> = guest
         .iter()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let pid = f.next()?.parse().ok()?;
             let ppid = f.next()?.parse().ok()?;
-            // Linux shows a busy kworker with its workqueue appended
-            // ("kworker/0:0-rcu_gp"); the task's comm is the part before.
-            let comm = f.next()?;
-            let comm = if comm.starts_with("kworker/") { comm.split('-').next()? } else { comm };
-            Some((pid, ppid, comm.to_string()))
+            Some((pid, (ppid, f.next()?.to_string())))
         })
         // The ps process itself has exited by now.
-        .filter(|(_, _, comm)| comm != "ps")
+        .filter(|(_, (_, comm))| comm != "ps")
         .collect();
-    let ours: std::collections::BTreeSet<(u64, u64, String)> = ours
+    let ours: std::collections::BTreeMap<u64, (u64, String)> = ours
         .as_array()
         .unwrap()
         .iter()
         // busybox ps lists /proc, which has no pid 0.
         .filter(|p| p["pid"] != 0)
-        .map(|p| (p["pid"].as_u64().unwrap(), p["ppid"].as_u64().unwrap(), p["comm"].as_str().unwrap().to_string()))
+        .map(|p| (p["pid"].as_u64().unwrap(), (p["ppid"].as_u64().unwrap(), p["comm"].as_str().unwrap().to_string())))
         .collect();
     assert!(guest.len() > 10, "guest ps printed too little: {guest:?}");
-    let only_ours: Vec<_> = ours.difference(&guest).collect();
-    let only_guest: Vec<_> = guest.difference(&ours).collect();
-    assert!(
-        only_ours.is_empty() && only_guest.is_empty(),
-        "dvisor ps differs from the guest's ps: only in dvisor {only_ours:?}, only in the guest {only_guest:?}"
-    );
+    // Linux shows a kworker with its workqueue appended, '+' while it runs
+    // a work item and '-' after ("kworker/0:2+events", "kworker/1:1-mm_"):
+    // the task's comm, which is what VMI reads, is the part before.
+    let same_comm = |guest: &str, ours: &str| {
+        guest == ours
+            || (ours.starts_with("kworker/")
+                && guest.strip_prefix(ours).is_some_and(|rest| rest.starts_with('+') || rest.starts_with('-')))
+    };
+    let differ: Vec<_> = guest
+        .keys()
+        .chain(ours.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter(|pid| match (guest.get(pid), ours.get(pid)) {
+            (Some((gp, gc)), Some((op, oc))) => gp != op || !same_comm(gc, oc),
+            _ => true,
+        })
+        .map(|pid| (pid, guest.get(pid), ours.get(pid)))
+        .collect();
+    assert!(differ.is_empty(), "dvisor ps differs from the guest's ps (pid, guest's, dvisor's): {differ:?}");
 }
 
 pub fn symbol_addr(elf: &std::path::Path, sym: &str) -> u64 {
