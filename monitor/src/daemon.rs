@@ -331,15 +331,11 @@ impl Monitor {
 }
 
 fn hex(data: &[u8]) -> String {
-    data.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(data)
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>, MonitorError> {
-    let bad = || MonitorError::Api(ApiError::new(ErrorCode::BadRequest, format!("{s:?} is not an even number of hex digits")));
-    if !s.len().is_multiple_of(2) {
-        return Err(bad());
-    }
-    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or_else(bad)).collect()
+    hex::decode(s).map_err(|_| MonitorError::Api(ApiError::new(ErrorCode::BadRequest, format!("{s:?} is not an even number of hex digits"))))
 }
 
 fn check_len(len: u64) -> Result<(), MonitorError> {

@@ -118,10 +118,7 @@ fn hex_bytes(word: &str) -> Result<Vec<u8>, String> {
     if word.len() & 1 == 1 {
         return Err(format!("V needs an even number of hex digits (2 per byte), got {} in {word:?}", word.len()));
     }
-    (0..word.len())
-        .step_by(2)
-        .map(|i| word.get(i..i + 2).and_then(|d| u8::from_str_radix(d, 16).ok()).ok_or_else(|| format!("V: bad hex in {word:?}")))
-        .collect()
+    hex::decode(word).map_err(|e| format!("V: bad hex in {word:?}: {e}"))
 }
 
 #[cfg(test)]

@@ -725,7 +725,7 @@ fn run_patched_object(name: &str, object: &[u8], cmd_text: &str, base: u64) -> H
             ResolvedAction::Variable { addr, bytes, .. } => (*addr, bytes.clone()),
             ResolvedAction::Pointer { addr, value } => (*addr, value.to_le_bytes().to_vec()),
         };
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = hex::encode(&bytes);
         plan.push_str(&format!("{addr:x} {hex}\n"));
     }
     let dir = tempfile::tempdir().unwrap();

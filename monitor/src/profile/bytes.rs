@@ -37,5 +37,5 @@ pub fn align_up(v: u64, align: u64) -> u64 {
 }
 
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }

@@ -683,13 +683,7 @@ fn status(b: &BootHandles) -> Status {
 }
 
 fn hex(data: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(data.len() * 2);
-    for &b in data {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 15)] as char);
-    }
-    s
+    hex::encode(data)
 }
 
 fn type_keys(

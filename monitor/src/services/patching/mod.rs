@@ -157,11 +157,12 @@ fn register_warnings(bin: &[u8], cmds: &CommandFile, program: &HashMap<String, T
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex::encode(b)
 }
 
+/// Bytes this monitor wrote itself (saved state): bad hex reads as none.
 fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len() / 2).filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()).collect()
+    hex::decode(s).unwrap_or_default()
 }
 
 fn us(d: Duration) -> u64 {
