@@ -62,19 +62,18 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
 }
 
 /// Without hardware KVM (and not already in the carrier, nor told
-/// `--here`), runs `dvisor bench NAME --here FLAGS` inside the carrier and
-/// returns its exit status; otherwise `None`: benchmark here.
-pub fn in_carrier_if_needed(name: &str, here: bool, json: bool, flags: &[String], mem_mib: u32) -> anyhow::Result<Option<i32>> {
-    let in_carrier = std::env::var_os("DVISOR_IN_CARRIER").is_some();
-    if here || in_carrier || dvisor_images::carrier::host_has_hardware_kvm() {
+/// `--here`), runs this same `dvisor bench ...` command line, plus
+/// `--here`, inside the carrier and returns its exit status; otherwise
+/// `None`: benchmark here. The arguments are forwarded as given (the
+/// carrier keeps the working directory), so they cannot drift from clap.
+pub fn in_carrier_if_needed(here: bool, mem_mib: u32) -> anyhow::Result<Option<i32>> {
+    if here || !dvisor_images::carrier::needed() {
         return Ok(None);
     }
     eprintln!("dvisor: no hardware virtualization here; benchmarking inside the carrier VM");
-    let mut cmd = vec![std::env::current_exe()?.display().to_string(), "bench".into(), name.into(), "--here".into()];
-    cmd.extend(flags.iter().cloned());
-    if json {
-        cmd.push("--json".into());
-    }
+    let mut cmd = vec![std::env::current_exe()?.display().to_string()];
+    cmd.extend(std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()));
+    cmd.push("--here".into());
     let opts = dvisor_images::carrier::CarrierOptions { mem_mib, ..Default::default() };
     Ok(Some(dvisor_images::carrier::run(&cmd, &opts)?))
 }
@@ -83,16 +82,10 @@ fn boot(args: BootBenchArgs) -> anyhow::Result<i32> {
     let image = dvisor_images::current_guest_image()
         .or_else(|_| dvisor_images::build_guest_image(&Default::default()))
         .context("the benchmark boots the default guest image")?;
-    let flags = [
-        format!("--runs={}", args.runs),
-        format!("--vcpus={}", args.vcpus),
-        format!("--mem={}", args.mem_mib),
-        format!("--timeout={}", args.timeout),
-    ];
-    if let Some(code) = in_carrier_if_needed("boot", args.here, args.json, &flags, (args.mem_mib as u32).saturating_add(1024))? {
+    if let Some(code) = in_carrier_if_needed(args.here, (args.mem_mib as u32).saturating_add(1024))? {
         return Ok(code);
     }
-    let in_carrier = std::env::var_os("DVISOR_IN_CARRIER").is_some();
+    let in_carrier = dvisor_images::carrier::in_carrier();
     let qemu = which("qemu-system-x86_64")
         .context("qemu-system-x86_64 not found: run `apt-get install qemu-system-x86`")?;
     let timeout = Duration::from_secs(args.timeout);

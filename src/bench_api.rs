@@ -51,8 +51,7 @@ pub fn api(args: ApiBenchArgs) -> anyhow::Result<i32> {
     dvisor_images::current_guest_image()
         .or_else(|_| dvisor_images::build_guest_image(&Default::default()))
         .context("the benchmark boots the default guest image")?;
-    let flags = [format!("--rounds={}", args.rounds), format!("--read-mib={}", args.read_mib)];
-    if let Some(code) = crate::bench::in_carrier_if_needed("api", args.here, args.json, &flags, 1536)? {
+    if let Some(code) = crate::bench::in_carrier_if_needed(args.here, 1536)? {
         return Ok(code);
     }
     if args.rounds == 0 || args.read_mib == 0 {

@@ -72,7 +72,7 @@ fn json(args: &[&str]) -> anyhow::Result<serde_json::Value> {
 }
 
 pub fn patch(args: PatchBenchArgs) -> anyhow::Result<i32> {
-    if let Some(code) = crate::bench::in_carrier_if_needed("patch", args.here, args.json, &[], 1536)? {
+    if let Some(code) = crate::bench::in_carrier_if_needed(args.here, 1536)? {
         return Ok(code);
     }
     let name = format!("benchpatch{}", std::process::id());

@@ -210,20 +210,8 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<i32> {
     let image = dvisor_images::current_guest_image()
         .or_else(|_| dvisor_images::build_guest_image(&Default::default()))
         .context("the benchmark boots the default guest image")?;
-    let mems = args.mems.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-    let mut flags = vec![
-        format!("--runs={}", args.runs),
-        format!("--mem={mems}"),
-        format!("--vcpus={}", args.vcpus),
-        format!("--dir={}", args.dir.display()),
-        format!("--timeout={}", args.timeout),
-    ];
-    if args.no_qemu {
-        flags.push("--no-qemu".into());
-    }
     let largest = *args.mems.iter().max().unwrap_or(&256);
-    if !args.here && std::env::var_os("DVISOR_IN_CARRIER").is_none() && !dvisor_images::carrier::host_has_hardware_kvm()
-    {
+    if !args.here && dvisor_images::carrier::needed() {
         // The monitors of the guests being snapshotted need the kernel
         // profile; built here, natively, it spares the TCG carrier minutes.
         if let Err(e) = dvisor_monitor::profile::KernelProfile::load_or_build(&image.vmlinux) {
@@ -234,7 +222,7 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<i32> {
     // carrier's tmpfs; guests touch only part of their memory (~100 MiB
     // here), so this leaves room. (A 3584 MiB carrier once never booted.)
     let carrier_mib = u32::try_from(largest + 2048).context("--mem is too large for the carrier")?;
-    if let Some(code) = crate::bench::in_carrier_if_needed("snapshot", args.here, args.json, &flags, carrier_mib)? {
+    if let Some(code) = crate::bench::in_carrier_if_needed(args.here, carrier_mib)? {
         return Ok(code);
     }
     let qemu = if args.no_qemu {
@@ -285,7 +273,7 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<i32> {
         bench: "snapshot-restore-clone",
         runs: args.runs,
         vcpus: args.vcpus,
-        in_carrier: std::env::var_os("DVISOR_IN_CARRIER").is_some(),
+        in_carrier: dvisor_images::carrier::in_carrier(),
         dir: args.dir.clone(),
         heartbeat_period_ms: HEARTBEAT_MS,
         sizes,

@@ -37,7 +37,7 @@ pub fn vmi(args: VmiBenchArgs) -> anyhow::Result<i32> {
     let image = dvisor_images::current_guest_image()
         .or_else(|_| dvisor_images::build_guest_image(&Default::default()))
         .context("the benchmark boots the default guest image")?;
-    if let Some(code) = crate::bench::in_carrier_if_needed("vmi", args.here, args.json, &[format!("--runs={}", args.runs)], 1536)? {
+    if let Some(code) = crate::bench::in_carrier_if_needed(args.here, 1536)? {
         return Ok(code);
     }
     if args.runs == 0 {

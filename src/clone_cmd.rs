@@ -54,7 +54,7 @@ pub struct CloneArgs {
 }
 
 fn default_dir(name: &str) -> PathBuf {
-    let local = dvisor_images::carrier::host_has_hardware_kvm() || std::env::var_os("DVISOR_IN_CARRIER").is_some();
+    let local = !dvisor_images::carrier::needed();
     if local {
         paths::runtime_dir().join("clones").join(name)
     } else {

@@ -11,7 +11,6 @@ mod images;
 mod monitor_cmd;
 mod ops;
 mod policy;
-mod relay;
 mod run;
 mod snapshot_cmd;
 mod vmi_cmd;

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::relay;
 use clap::{Args, ValueEnum};
-use dvisor_images::carrier;
+use dvisor_images::carrier::{self, relay};
 use dvisor_monitor::paths;
+use dvisor_vmm::devices::virtio::net::DEFAULT_MAC;
 use dvisor_vmm::{DiskConfig, NetConfig, OnReboot, RunOutcome, VmConfig, VmmError};
 
 /// Exit status when the guest rebooted and `--on-reboot exit` was given.
@@ -18,7 +18,10 @@ pub const EXIT_GUEST_FAILED: i32 = 1;
 /// Exit status for configuration errors (bad kernel, bad flags).
 pub const EXIT_CONFIG: i32 = 2;
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+const DEFAULT_VCPUS: u8 = 2;
+const DEFAULT_MEM_MIB: u64 = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RebootAction {
     /// Boot the guest again.
     Restart,
@@ -26,7 +29,7 @@ pub enum RebootAction {
     Exit,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 #[command(after_help = "\
 Exit status: 0 guest powered off; 1 guest crashed (triple fault, KVM error; \
 the reason and vCPU registers are printed); 2 bad configuration (missing or \
@@ -59,10 +62,10 @@ pub struct RunArgs {
     #[arg(long, requires = "restore", conflicts_with = "net")]
     pub no_net: bool,
     /// Number of vCPUs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = DEFAULT_VCPUS)]
     pub vcpus: u8,
     /// Guest memory in MiB.
-    #[arg(long = "mem", value_name = "MIB", default_value_t = 256)]
+    #[arg(long = "mem", value_name = "MIB", default_value_t = DEFAULT_MEM_MIB)]
     pub mem_mib: u64,
     /// Kernel bzImage [default: the built guest image's kernel].
     #[arg(long, value_name = "FILE")]
@@ -138,7 +141,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("dvisor: error: {e}");
         return Ok(EXIT_CONFIG);
     }
-    if !carrier::host_has_hardware_kvm() && std::env::var_os("DVISOR_IN_CARRIER").is_none() {
+    if carrier::needed() {
         if args.no_carrier {
             eprintln!(
                 "dvisor: error: this host has no hardware virtualization (no vmx/svm CPU flag, \
@@ -198,7 +201,7 @@ fn run_restore(dir: &std::path::Path, args: &RunArgs) -> anyhow::Result<i32> {
         nets,
         api_socket: Some(args.api.clone().unwrap_or_else(|| paths::api_socket(&args.name))),
     };
-    if carrier::host_has_hardware_kvm() || std::env::var_os("DVISOR_IN_CARRIER").is_some() {
+    if !carrier::needed() {
         // Refused here, before the monitor or anything else starts.
         if let Err(e) = dvisor_vmm::snapshot::restore::check_host_cpu(&last.state) {
             return Ok(crate::snapshot_cmd::refuse(&e));
@@ -228,7 +231,7 @@ fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
     };
     // The monitor needs the kernel profile for introspection; building it
     // here, natively, spares a monitor in the TCG carrier the slow part.
-    if !dvisor_images::carrier::host_has_hardware_kvm() && std::env::var_os("DVISOR_IN_CARRIER").is_none() {
+    if carrier::needed() {
         if let Err(e) = dvisor_monitor::profile::KernelProfile::load_or_build(&image.vmlinux) {
             tracing::warn!("kernel profile of {}: {e}", image.vmlinux.display());
         }
@@ -241,7 +244,9 @@ fn run_direct(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
         if let Some(api) = &config.api_socket {
             let control = control_socket_for(api, &args.name);
             spawn_monitor(api, &control, &args.name)?;
-            serve_carrier_relay(&control);
+            if let Err(why) = relay::serve_from_env(&control) {
+                eprintln!("dvisor: warning: the host cannot reach this VM's monitor (`dvisor pause` etc. work only inside the carrier): {why}");
+            }
         }
     }
     let _term = dvisor_vmm::console::RawTerminal::enable();
@@ -317,133 +322,113 @@ fn spawn_monitor(api: &std::path::Path, control: &std::path::Path, name: &str) -
     Ok(())
 }
 
-/// Inside the carrier, when the host side of `dvisor run` asked for it
-/// (`DVISOR_CONTROL_RELAY`): serve the monitor's control socket over TCP
-/// for the host (src/relay.rs). A failure only costs the host its access.
-fn serve_carrier_relay(control: &std::path::Path) {
-    if std::env::var_os("DVISOR_IN_CARRIER").is_none() {
-        return;
-    }
-    let Ok(listen) = std::env::var(relay::ENV_LISTEN) else { return };
-    let warn = |why: String| {
-        eprintln!("dvisor: warning: the host cannot reach this VM's monitor (`dvisor pause` etc. work only inside the carrier): {why}")
-    };
-    let Some(addr) = relay::parse_listen(&listen) else {
-        return warn(format!("bad {}={listen:?}", relay::ENV_LISTEN));
-    };
-    let Some(token) = std::env::var(relay::ENV_TOKEN).ok().filter(|t| !t.is_empty()) else {
-        return warn(format!("{} is not set", relay::ENV_TOKEN));
-    };
-    if let Err(e) = relay::serve_in_carrier(addr, token, control.to_owned()) {
-        warn(format!("listening on {addr}: {e}"));
-    }
-}
-
-/// Host side of the control relay: a free 127.0.0.1 port for QEMU to
-/// forward into the carrier, and the host socket served while the
-/// carrier's monitor answers. `None` (after one warning) if it cannot be
-/// set up: the VM runs anyway.
-fn start_host_relay(name: &str) -> Option<(relay::HostRelay, u16, String)> {
-    let setup = || -> Result<(relay::HostRelay, u16, String), String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("finding a free 127.0.0.1 port: {e}"))?
-            .port();
-        let token = relay::new_token().map_err(|e| format!("reading /dev/urandom: {e}"))?;
-        let r = relay::HostRelay::start(paths::control_socket(name), port, token.clone())?;
-        Ok((r, port, token))
-    };
-    match setup() {
-        Ok(v) => Some(v),
-        Err(e) => {
-            warn_no_relay(&e);
-            None
-        }
-    }
-}
-
-fn warn_no_relay(why: &str) {
-    eprintln!("dvisor: warning: not relaying the monitor's control socket to this host: {why}; `dvisor pause` etc. from here will not reach this VM (the console works)");
-}
-
 fn run_in_carrier(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("finding the dvisor executable")?;
-    let mut cmd = vec![
-        exe.display().to_string(),
-        "run".into(),
-        "--no-carrier".into(),
-        format!(
-            "--on-reboot={}",
-            if config.on_reboot == OnReboot::Exit { "exit" } else { "restart" }
-        ),
-    ];
-    if let Some(dir) = &args.restore {
-        // The shape, kernel and disks come from the snapshot again.
-        cmd.push(format!("--restore={}", absolute(dir).display()));
-        if args.paused {
-            cmd.push("--paused".into());
-        }
-        if args.no_net {
-            cmd.push("--no-net".into());
-        }
-        for n in config.nets.iter().filter(|_| !args.no_net) {
-            cmd.push(format!("--net=tap={}", n.tap));
-        }
-    } else {
-        cmd.push(format!("--vcpus={}", config.vcpus));
-        cmd.push(format!("--mem={}", config.mem_mib));
-        cmd.push(format!("--kernel={}", absolute(&config.kernel).display()));
-        cmd.push(format!("--cmdline={}", config.cmdline));
-        if let Some(initrd) = &config.initrd {
-            cmd.push(format!("--initrd={}", absolute(initrd).display()));
-        }
-        for d in &config.disks {
-            let ro = if d.read_only { ",readonly" } else { "" };
-            cmd.push(format!("--disk={}{ro}", absolute(&d.path).display()));
-        }
-        for n in &config.nets {
-            cmd.push(format!("--net=tap={},mac={}", n.tap, format_mac(&n.mac)));
-        }
-    }
-    // Socket paths are resolved inside the carrier (its runtime dir is a
-    // local tmpfs), unless given explicitly.
-    cmd.push(format!("--name={}", args.name));
-    if let Some(api) = &args.api {
-        cmd.push(format!("--api={}", api.display()));
-    }
-    if args.no_monitor {
-        cmd.push("--no-monitor".into());
-    }
+    let mut cmd = vec![exe.display().to_string(), "run".into()];
+    cmd.extend(carrier_run_args(config, args).to_argv());
     // The carrier needs room for the guest plus its own kernel and page cache.
     let carrier_mem = if args.carrier_mem > 0 {
         args.carrier_mem
     } else {
         (config.mem_mib as u32).saturating_add(768).max(1024)
     };
-    let mut opts = carrier::CarrierOptions {
+    let opts = carrier::CarrierOptions {
         mem_mib: carrier_mem,
         ..Default::default()
     };
-    // The monitor's control socket, relayed to this host (src/relay.rs).
-    let relay = if args.no_monitor { None } else { start_host_relay(&args.name) };
-    let Some((guard, port, token)) = relay else {
+    if args.no_monitor {
         return Ok(carrier::run(&cmd, &opts)?);
-    };
-    let forward = carrier::TcpForward { host_port: port, carrier_port: relay::CARRIER_PORT };
-    let plain_env = opts.extra_env.clone();
-    opts.extra_env.push((relay::ENV_LISTEN.into(), format!("{}:{}", carrier::CARRIER_IP, relay::CARRIER_PORT)));
-    opts.extra_env.push((relay::ENV_TOKEN.into(), token));
-    let result = match carrier::run_forwarding(&cmd, &opts, &[forward]) {
-        // The port was taken since we picked it; nothing ran yet.
-        Err(carrier::CarrierError::HostForward(e)) => {
-            drop(guard);
-            warn_no_relay(&e);
-            opts.extra_env = plain_env;
-            carrier::run(&cmd, &opts)
+    }
+    // The monitor's control socket, relayed to this host.
+    Ok(relay::run_relaying(&cmd, &opts, paths::control_socket(&args.name))?)
+}
+
+/// What the `dvisor run` inside the carrier is told: the resolved VM
+/// (absolute paths, the default image's kernel), or the snapshot again
+/// (its shape, kernel and disks come from it), and never the carrier.
+/// Socket paths are resolved inside the carrier (its runtime dir is a
+/// local tmpfs), unless given explicitly.
+fn carrier_run_args(config: &VmConfig, args: &RunArgs) -> RunArgs {
+    let inner = RunArgs { no_carrier: true, carrier_mem: 0, ..args.clone() };
+    match &args.restore {
+        Some(dir) => RunArgs { restore: Some(absolute(dir)), ..inner },
+        None => RunArgs {
+            vcpus: config.vcpus,
+            mem_mib: config.mem_mib,
+            kernel: Some(absolute(&config.kernel)),
+            initrd: config.initrd.as_deref().map(absolute),
+            cmdline: config.cmdline.clone(),
+            disk: config.disks.iter().map(|d| DiskConfig { path: absolute(&d.path), ..d.clone() }).collect(),
+            net: config.nets.clone(),
+            ..inner
+        },
+    }
+}
+
+impl RunArgs {
+    /// The options (after `dvisor run`) that parse back to `self`: each
+    /// one that differs from its default. Every field is named here, so a
+    /// new option does not compile until it is passed on;
+    /// `tests::argv_round_trips_every_option` checks the result against
+    /// clap.
+    pub fn to_argv(&self) -> Vec<String> {
+        let RunArgs {
+            restore,
+            paused,
+            no_net,
+            vcpus,
+            mem_mib,
+            kernel,
+            initrd,
+            cmdline,
+            disk,
+            net,
+            name,
+            api,
+            no_monitor,
+            on_reboot,
+            no_carrier,
+            carrier_mem,
+        } = self;
+        let mut argv = Vec::new();
+        let mut flag = |on: bool, name: &str| {
+            if on {
+                argv.push(format!("--{name}"));
+            }
+        };
+        flag(*paused, "paused");
+        flag(*no_net, "no-net");
+        flag(*no_monitor, "no-monitor");
+        flag(*no_carrier, "no-carrier");
+        let mut opt = |name: &str, value: Option<String>| {
+            if let Some(v) = value {
+                argv.push(format!("--{name}={v}"));
+            }
+        };
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        opt("restore", path(restore));
+        opt("vcpus", (*vcpus != DEFAULT_VCPUS).then(|| vcpus.to_string()));
+        opt("mem", (*mem_mib != DEFAULT_MEM_MIB).then(|| mem_mib.to_string()));
+        opt("kernel", path(kernel));
+        opt("initrd", path(initrd));
+        opt("cmdline", (cmdline != dvisor_vmm::DEFAULT_CMDLINE).then(|| cmdline.clone()));
+        for d in disk {
+            opt("disk", Some(format!("{}{}", d.path.display(), if d.read_only { ",readonly" } else { "" })));
         }
-        other => other,
-    };
-    Ok(result?)
+        for n in net {
+            let mac = n.mac != DEFAULT_MAC;
+            opt("net", Some(format!("tap={}{}", n.tap, if mac { format!(",mac={}", format_mac(&n.mac)) } else { String::new() })));
+        }
+        opt("name", (name != paths::DEFAULT_VM_NAME).then(|| name.clone()));
+        opt("api", path(api));
+        let reboot = match on_reboot {
+            RebootAction::Restart => None,
+            RebootAction::Exit => Some("exit".to_string()),
+        };
+        opt("on-reboot", reboot);
+        opt("carrier-mem", (*carrier_mem != 0).then(|| carrier_mem.to_string()));
+        argv
+    }
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
@@ -460,7 +445,7 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
     let mut tap = None;
-    let mut mac = dvisor_vmm::devices::virtio::net::DEFAULT_MAC;
+    let mut mac = DEFAULT_MAC;
     for part in s.split(',') {
         match part.split_once('=') {
             Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
@@ -472,6 +457,9 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
     Ok(NetConfig { tap, mac })
 }
 
+/// A MAC address is six colon-separated hex numbers, each one or two
+/// digits (`2:d5:0:0:0:1` is accepted): not a hex string, so not the `hex`
+/// crate, whose decoder wants exactly two digits a byte and no separators.
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let bad = || format!("bad MAC address {s:?}: expected six hex bytes like 02:d5:00:00:00:01");
     let parts: Vec<&str> = s.split(':').collect();
@@ -494,4 +482,102 @@ fn format_mac(m: &[u8; 6]) -> String {
 
 fn absolute(p: &std::path::Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Args, FromArgMatches};
+
+    fn parse(argv: &[String]) -> Result<RunArgs, clap::Error> {
+        let cmd = RunArgs::augment_args(clap::Command::new("run"));
+        let m = cmd.try_get_matches_from(std::iter::once("run".to_string()).chain(argv.iter().cloned()))?;
+        RunArgs::from_arg_matches(&m)
+    }
+
+    /// Every option set away from its default, in the two shapes clap
+    /// allows (a boot, a restore).
+    fn samples() -> [RunArgs; 2] {
+        let boot = RunArgs {
+            restore: None,
+            paused: false,
+            no_net: false,
+            vcpus: 3,
+            mem_mib: 512,
+            kernel: Some("/k/bz Image".into()),
+            initrd: Some("/k/initrd".into()),
+            cmdline: "console=ttyS0 -- init=/bin/sh".into(),
+            disk: vec![DiskConfig { path: "/d/a.img".into(), read_only: false }, DiskConfig { path: "/d/b.img".into(), read_only: true }],
+            net: vec![
+                NetConfig { tap: "tap0".into(), mac: DEFAULT_MAC },
+                NetConfig { tap: "tap1".into(), mac: [0x02, 0xab, 0, 0, 0, 0x0f] },
+            ],
+            name: "vm-2".into(),
+            api: Some("rel/api.sock".into()),
+            no_monitor: true,
+            on_reboot: RebootAction::Exit,
+            no_carrier: true,
+            carrier_mem: 3000,
+        };
+        let restore = RunArgs {
+            restore: Some("/snap/s1".into()),
+            paused: true,
+            no_net: true,
+            vcpus: DEFAULT_VCPUS,
+            mem_mib: DEFAULT_MEM_MIB,
+            kernel: None,
+            initrd: None,
+            cmdline: dvisor_vmm::DEFAULT_CMDLINE.into(),
+            disk: Vec::new(),
+            net: Vec::new(),
+            ..boot.clone()
+        };
+        [boot, restore]
+    }
+
+    #[test]
+    fn argv_round_trips_every_option() {
+        let defaults = parse(&[]).unwrap();
+        assert!(defaults.to_argv().is_empty(), "{:?}", defaults.to_argv());
+        let mut seen = Vec::new();
+        for args in samples() {
+            let argv = args.to_argv();
+            let back = parse(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            assert_eq!(format!("{back:?}"), format!("{args:?}"), "{argv:?}");
+            seen.extend(argv);
+        }
+        // The samples, and so to_argv, cover every option clap knows.
+        let cmd = RunArgs::augment_args(clap::Command::new("run"));
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let given = seen.iter().any(|a| a == &format!("--{long}") || a.starts_with(&format!("--{long}=")));
+            assert!(given, "--{long} is not covered by to_argv's samples");
+        }
+    }
+
+    #[test]
+    fn the_carrier_is_told_the_resolved_vm() {
+        let [boot, restore] = samples();
+        let config = VmConfig {
+            name: boot.name.clone(),
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: boot.cmdline.clone(),
+            vcpus: 1,
+            mem_mib: 128,
+            on_reboot: OnReboot::Exit,
+            disks: vec![DiskConfig { path: "d.img".into(), read_only: true }],
+            nets: boot.net.clone(),
+            api_socket: None,
+        };
+        let inner = carrier_run_args(&config, &RunArgs { no_carrier: false, ..boot });
+        assert!(inner.no_carrier && inner.carrier_mem == 0);
+        assert_eq!((inner.vcpus, inner.mem_mib, inner.initrd.clone()), (1, 128, None));
+        assert_eq!(inner.kernel, Some(absolute(std::path::Path::new("k"))));
+        assert!(inner.disk[0].path.is_absolute() && inner.disk[0].read_only);
+        let inner = carrier_run_args(&config, &restore);
+        assert_eq!(inner.restore.as_deref(), Some(std::path::Path::new("/snap/s1")));
+        assert!(inner.kernel.is_none() && inner.disk.is_empty() && inner.paused && inner.no_net);
+        parse(&inner.to_argv()).unwrap();
+    }
 }

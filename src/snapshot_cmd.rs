@@ -211,7 +211,7 @@ fn check_snapshot(dir: &Path) -> Result<(Vec<format::Loaded>, Vec<String>), Snap
     for (index, d) in last.state.config.disks.iter().enumerate() {
         dvisor_vmm::snapshot::restore::check_disk(index, d, &d.config.path)?;
     }
-    if dvisor_images::carrier::host_has_hardware_kvm() || std::env::var_os("DVISOR_IN_CARRIER").is_some() {
+    if !dvisor_images::carrier::needed() {
         dvisor_vmm::snapshot::restore::check_host_cpu(&last.state)?;
     } else {
         notes.push("CPU features not compared: this host has no hardware KVM (restore in the carrier compares them)".into());

@@ -111,8 +111,9 @@ fn print_bytes(b: &Bytes, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(b)?);
         return Ok(());
     }
-    let data: Vec<u8> = (0..b.hex.len() / 2).filter_map(|i| u8::from_str_radix(&b.hex[2 * i..2 * i + 2], 16).ok()).collect();
+    let data = hex::decode(&b.hex).map_err(|e| anyhow::anyhow!("the monitor sent bad hex: {e}"))?;
     for (i, row) in data.chunks(16).enumerate() {
+        // A dump row: bytes separated by spaces, which `hex` does not write.
         let hex: Vec<String> = row.iter().map(|x| format!("{x:02x}")).collect();
         let text: String = row.iter().map(|&c| if (0x20..0x7f).contains(&c) { c as char } else { '.' }).collect();
         println!("{:016x}  {:<47}  {}", b.gpa + 16 * i as u64, hex.join(" "), text);

@@ -1,6 +1,6 @@
 //! The operator's commands from the host against a VM that `dvisor run`
 //! put in the carrier (hosts without hardware KVM): the monitor's control
-//! socket is relayed to the host's runtime dir (src/relay.rs), so `status`,
+//! socket is relayed to the host's runtime dir (guest-images/src/carrier/relay.rs), so `status`,
 //! `pause`, `resume` and `events` work from another process on the host,
 //! and the host socket is gone once the VM has powered off.
 //!

@@ -61,7 +61,7 @@ fn counter_page(name: &str, pid: u32, addr: u64) -> (u64, String) {
     let mem = dvisor_json(&["mem", "--vm", name, &pid.to_string(), &format!("{page:#x}"), "4096"]);
     let hex = mem["hex"].as_str().unwrap().to_string();
     let off = ((addr - page) * 2) as usize;
-    let bytes: Vec<u8> = (0..8).map(|i| u8::from_str_radix(&hex[off + 2 * i..off + 2 * i + 2], 16).unwrap()).collect();
+    let bytes = hex::decode(&hex[off..off + 16]).unwrap();
     (u64::from_le_bytes(bytes.try_into().unwrap()), hex)
 }
 

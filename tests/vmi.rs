@@ -168,7 +168,7 @@ fn counter_matches(c: &Console, name: &str, service: &std::path::Path) {
     dvisor_json(&["pause", "--vm", name]);
     let mem = dvisor_json(&["mem", "--vm", name, &pid, &addr, "8"]);
     let hex = mem["hex"].as_str().unwrap();
-    let bytes: Vec<u8> = (0..8).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+    let bytes = hex::decode(&hex[..16]).unwrap();
     let value = u64::from_le_bytes(bytes.try_into().unwrap());
     // Paused, the service prints nothing new; a line already on its way
     // through the console may still arrive. Within a bounded window the

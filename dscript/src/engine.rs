@@ -28,6 +28,8 @@ use crate::types::Type;
 use crate::units::format_duration;
 use crate::value::Value;
 use crate::window::Window;
+pub use crate::runtime::{value_fits, Limits};
+use crate::runtime::State;
 use thiserror::Error;
 
 /// What happens to a rule after a run-time error in it.
@@ -40,25 +42,6 @@ pub enum ErrorMode {
     KeepRule,
     /// Report the error and stop the engine: every later dispatch fails.
     Stop,
-}
-
-/// Bounds that keep any policy's cost per firing fixed.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Steps per rule firing (statements, loop iterations, calls, values walked by statistics).
-    pub max_steps: u64,
-    /// Nested function calls.
-    pub max_depth: u32,
-    /// Elements in one list.
-    pub max_list: usize,
-    /// Bytes in one string.
-    pub max_string: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits { max_steps: 100_000, max_depth: 64, max_list: 100_000, max_string: 64 * 1024 }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -108,15 +91,6 @@ pub enum EngineError {
 
 /// Event handle: an index into the policy's event list.
 pub type EventId = u32;
-
-/// Mutable state of a running policy.
-pub(crate) struct State {
-    pub globals: Vec<Value>,
-    pub windows: Vec<Window>,
-    pub stack: Vec<Value>,
-    pub steps: u64,
-    pub depth: u32,
-}
 
 struct RuleState {
     enabled: bool,
@@ -298,20 +272,5 @@ impl<C> Engine<C> {
             return Err(EngineError::Stopped(err));
         }
         Ok(())
-    }
-}
-
-/// Whether a value has the run-time shape of a type (for values coming from the embedder).
-pub fn value_fits(v: &Value, ty: &Type) -> bool {
-    match (v, ty) {
-        (Value::Int(_), Type::Int | Type::Duration | Type::Size) => true,
-        (Value::Float(_), Type::Float) => true,
-        (Value::Bool(_), Type::Bool) => true,
-        (Value::Str(_), Type::Str) => true,
-        (Value::List(items), Type::List(e)) => items.iter().all(|x| value_fits(x, e)),
-        (Value::Record(vals), Type::Record(fields)) => {
-            vals.len() == fields.len() && vals.iter().zip(fields).all(|(x, (_, t))| value_fits(x, t))
-        }
-        _ => false,
     }
 }

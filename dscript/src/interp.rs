@@ -4,7 +4,7 @@
 //! Every statement, loop turn and call costs a step; statistics cost one step per value.
 
 use crate::builtins::{self, sample_value, Budget};
-use crate::engine::{Limits, State};
+use crate::runtime::{value_fits, Limits, State};
 use crate::host::{Host, HostCall};
 use crate::ir::*;
 use crate::span::Span;
@@ -364,7 +364,7 @@ impl<C> Machine<'_, C> {
         let fits = match (&v, &hf.sig.ret) {
             (Value::Int(_), Type::Int | Type::Duration | Type::Size) | (Value::Float(_), Type::Float) | (Value::Unit, Type::Unit) => true,
             (Value::Bool(_), Type::Bool) | (Value::Str(_), Type::Str) => true,
-            (v, t) => crate::engine::value_fits(v, t),
+            (v, t) => value_fits(v, t),
         };
         if !fits {
             return err(span, format!("host function `{}` returned a value that is not `{}`", hf.sig.name, hf.sig.ret));

@@ -18,6 +18,7 @@ pub mod diag;
 pub mod engine;
 pub mod host;
 mod interp;
+mod runtime;
 pub mod ir;
 pub mod lexer;
 pub mod parser;

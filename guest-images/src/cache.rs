@@ -27,7 +27,7 @@ pub fn content_key(parts: &[&[u8]]) -> String {
         h.update((p.len() as u64).to_le_bytes());
         h.update(p);
     }
-    hex(&h.finalize())
+    hex::encode(h.finalize())
 }
 
 pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
@@ -41,12 +41,9 @@ pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
         }
         h.update(&buf[..n]);
     }
-    Ok(hex(&h.finalize()))
+    Ok(hex::encode(h.finalize()))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// A fresh private directory under `<root>/tmp`, on the same filesystem as
 /// the final place so the install is one rename.

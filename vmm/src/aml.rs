@@ -1,161 +1,84 @@
 //! Just enough AML (ACPI Machine Language) to describe our devices in the
-//! DSDT, encoded by hand (ACPI 6.4, chapter 20).
+//! DSDT (ACPI 6.4, chapter 20), encoded by rust-vmm's `acpi_tables::aml`.
 //!
 //! Devices must be in the DSDT even when they sit at their legacy ports:
 //! with a hardware-reduced FADT the kernel sets up no legacy PIC and only
 //! wires ISA interrupts that ACPI resources name.
+//!
+//! The functions here take and return encoded terms (`Vec<u8>`), so the
+//! DSDT is built from values rather than from borrowed `acpi_tables`
+//! objects; [`Encoded`] hands such bytes back to the crate as a child.
+//! One descriptor is our own: `acpi_tables` has no IRQNoFlags (the small
+//! IRQ descriptor, ACPI 6.4 §6.4.2.1), which the COM1 and PS/2 entries
+//! need; the encodings are checked byte for byte against iasl below.
+use acpi_tables::aml::{self as a, Path};
+use acpi_tables::{Aml, AmlSink};
 
-fn pkg_length(payload_len: usize) -> Vec<u8> {
-    // The encoded length counts its own bytes.
-    for extra in 0..4 {
-        let total = payload_len + 1 + extra;
-        let fits = match extra {
-            0 => total < 0x40,
-            1 => total < 0x1000,
-            2 => total < 0x10_0000,
-            _ => total < 0x1000_0000,
-        };
-        if fits {
-            if extra == 0 {
-                return vec![total as u8];
-            }
-            let mut out = vec![((extra as u8) << 6) | (total & 0xf) as u8];
-            for i in 0..extra {
-                out.push((total >> (4 + 8 * i)) as u8);
-            }
-            return out;
-        }
+/// Already encoded AML, as a child of an `acpi_tables` object.
+struct Encoded<'a>(&'a [u8]);
+
+impl Aml for Encoded<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(self.0);
     }
-    Vec::new() // > 256 MiB of AML: never built by us
 }
 
-fn with_pkg(op: &[u8], body: Vec<u8>) -> Vec<u8> {
-    let mut out = op.to_vec();
-    out.extend(pkg_length(body.len()));
-    out.extend(body);
-    out
-}
-
-/// A NameSeg or a path: "\\_SB_" or "COM1" (4-character segments).
-fn name_string(path: &str) -> Vec<u8> {
+fn encode(term: &dyn Aml) -> Vec<u8> {
     let mut out = Vec::new();
-    let rest = match path.strip_prefix('\\') {
-        Some(r) => {
-            out.push(b'\\');
-            r
-        }
-        None => path,
-    };
-    let segs: Vec<&str> = rest.split('.').collect();
-    match segs.len() {
-        1 => {}
-        2 => out.push(0x2e), // DualNamePrefix
-        n => {
-            out.push(0x2f); // MultiNamePrefix
-            out.push(n as u8);
-        }
-    }
-    for s in segs {
-        let mut seg = [b'_'; 4];
-        seg[..s.len().min(4)].copy_from_slice(&s.as_bytes()[..s.len().min(4)]);
-        out.extend(seg);
-    }
+    term.to_aml_bytes(&mut out);
     out
 }
 
+/// Runs `f` with `terms` as `acpi_tables` children.
+fn with_children<R>(terms: &[Vec<u8>], f: impl FnOnce(Vec<&dyn Aml>) -> R) -> R {
+    let wrapped: Vec<Encoded> = terms.iter().map(|t| Encoded(t)).collect();
+    f(wrapped.iter().map(|e| e as &dyn Aml).collect())
+}
+
+/// An integer in its shortest encoding (Zero, One, Byte/Word/DWord/QWord).
 pub fn integer(v: u64) -> Vec<u8> {
-    match v {
-        0 => vec![0x00],
-        1 => vec![0x01],
-        v if v <= 0xff => vec![0x0a, v as u8],
-        v if v <= 0xffff => {
-            let mut o = vec![0x0b];
-            o.extend((v as u16).to_le_bytes());
-            o
-        }
-        v if v <= 0xffff_ffff => {
-            let mut o = vec![0x0c];
-            o.extend((v as u32).to_le_bytes());
-            o
-        }
-        v => {
-            let mut o = vec![0x0e];
-            o.extend(v.to_le_bytes());
-            o
-        }
-    }
+    encode(&v)
 }
 
 pub fn string(s: &str) -> Vec<u8> {
-    let mut o = vec![0x0d];
-    o.extend(s.as_bytes());
-    o.push(0);
-    o
+    encode(&s.to_string())
 }
 
-/// A compressed EISA id such as "PNP0501", as _HID expects.
+/// A compressed EISA id such as "PNP0501", as _HID expects (three
+/// uppercase letters, four hex digits: our own constants only).
 pub fn eisa_id(id: &str) -> Vec<u8> {
-    let b = id.as_bytes();
-    let hex = |c: u8| (c as char).to_digit(16).unwrap_or(0);
-    let v = if b.len() == 7 {
-        (u32::from(b[0] & 0x1f) << 26)
-            | (u32::from(b[1] & 0x1f) << 21)
-            | (u32::from(b[2] & 0x1f) << 16)
-            | (hex(b[3]) << 12)
-            | (hex(b[4]) << 8)
-            | (hex(b[5]) << 4)
-            | hex(b[6])
-    } else {
-        0
-    };
-    let mut o = vec![0x0c];
-    o.extend(v.swap_bytes().to_le_bytes());
-    o
+    encode(&a::EISAName::new(id))
 }
 
+/// Name (path, value). Paths are 4-character segments: "\\_SB_.COM1".
 pub fn name(path: &str, value: Vec<u8>) -> Vec<u8> {
-    let mut o = vec![0x08];
-    o.extend(name_string(path));
-    o.extend(value);
-    o
+    encode(&a::Name::new(Path::new(path), &Encoded(&value)))
 }
 
 pub fn package(elements: &[Vec<u8>]) -> Vec<u8> {
-    let mut body = vec![elements.len() as u8];
-    for e in elements {
-        body.extend(e);
-    }
-    with_pkg(&[0x12], body)
+    with_children(elements, |c| encode(&a::Package::new(c)))
 }
 
 pub fn scope(path: &str, terms: &[Vec<u8>]) -> Vec<u8> {
-    let mut body = name_string(path);
-    terms.iter().for_each(|t| body.extend(t));
-    with_pkg(&[0x10], body)
+    with_children(terms, |c| encode(&a::Scope::new(Path::new(path), c)))
 }
 
 pub fn device(path: &str, terms: &[Vec<u8>]) -> Vec<u8> {
-    let mut body = name_string(path);
-    terms.iter().for_each(|t| body.extend(t));
-    with_pkg(&[0x5b, 0x82], body)
+    with_children(terms, |c| encode(&a::Device::new(Path::new(path), c)))
 }
 
 /// A ResourceTemplate buffer holding `descriptors` plus the end tag.
 pub fn resource_template(descriptors: &[Vec<u8>]) -> Vec<u8> {
-    let mut bytes: Vec<u8> = descriptors.concat();
-    bytes.extend([0x79, 0x00]); // end tag, checksum 0 = "not checked"
-    let mut body = integer(bytes.len() as u64);
-    body.extend(bytes);
-    with_pkg(&[0x11], body)
+    with_children(descriptors, |c| encode(&a::ResourceTemplate::new(c)))
 }
 
 /// IO (Decode16, base, base, 1, len).
 pub fn io_port(base: u16, len: u8) -> Vec<u8> {
-    let [lo, hi] = base.to_le_bytes();
-    vec![0x47, 0x01, lo, hi, lo, hi, 0x01, len]
+    encode(&a::IO::new(base, base, 1, len))
 }
 
-/// IRQNoFlags () { irq }: an edge-triggered, active-high ISA interrupt.
+/// IRQNoFlags () { irq }: an edge-triggered, active-high ISA interrupt
+/// (not in `acpi_tables`).
 pub fn isa_irq(irq: u8) -> Vec<u8> {
     let mask = 1u16 << (irq & 0xf);
     let [lo, hi] = mask.to_le_bytes();
@@ -165,10 +88,7 @@ pub fn isa_irq(irq: u8) -> Vec<u8> {
 /// Memory32Fixed (ReadWrite or ReadOnly, base, len): a large resource
 /// descriptor (ACPI 6.4 §6.4.3.4).
 pub fn memory32_fixed(base: u32, len: u32, writable: bool) -> Vec<u8> {
-    let mut o = vec![0x86, 0x09, 0x00, u8::from(writable)];
-    o.extend(base.to_le_bytes());
-    o.extend(len.to_le_bytes());
-    o
+    encode(&a::Memory32Fixed::new(writable, base, len))
 }
 
 /// Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }: the
@@ -176,55 +96,38 @@ pub fn memory32_fixed(base: u32, len: u32, writable: bool) -> Vec<u8> {
 /// irqfd pulses the line: a level-triggered pin pulsed while the guest is
 /// still servicing it would lose that interrupt.
 pub fn extended_irq(gsi: u32) -> Vec<u8> {
-    const CONSUMER: u8 = 1 << 0;
-    const EDGE: u8 = 1 << 1;
-    let mut o = vec![0x89, 0x06, 0x00, CONSUMER | EDGE, 1];
-    o.extend(gsi.to_le_bytes());
-    o
+    encode(&a::Interrupt::new(true, true, false, false, gsi))
 }
 
 /// Method (path, args, Serialized or NotSerialized) { terms }, sync
 /// level 0.
 pub fn method(path: &str, args: u8, serialized: bool, terms: &[Vec<u8>]) -> Vec<u8> {
-    let mut body = name_string(path);
-    body.push((args & 0x7) | (u8::from(serialized) << 3));
-    terms.iter().for_each(|t| body.extend(t));
-    with_pkg(&[0x14], body)
+    with_children(terms, |c| encode(&a::Method::new(Path::new(path), args, serialized, c)))
 }
 
 /// Return (value)
 pub fn return_value(value: Vec<u8>) -> Vec<u8> {
-    let mut o = vec![0xa4];
-    o.extend(value);
-    o
+    encode(&a::Return::new(&Encoded(&value)))
 }
 
 /// If (predicate) { terms }
 pub fn if_then(predicate: Vec<u8>, terms: &[Vec<u8>]) -> Vec<u8> {
-    let mut body = predicate;
-    terms.iter().for_each(|t| body.extend(t));
-    with_pkg(&[0xa0], body)
+    with_children(terms, |c| encode(&a::If::new(&Encoded(&predicate), c)))
 }
 
 /// LEqual (a, b)
-pub fn equal(a: Vec<u8>, b: Vec<u8>) -> Vec<u8> {
-    let mut o = vec![0x93];
-    o.extend(a);
-    o.extend(b);
-    o
+pub fn equal(left: Vec<u8>, right: Vec<u8>) -> Vec<u8> {
+    encode(&a::Equal::new(&Encoded(&left), &Encoded(&right)))
 }
 
 /// ArgN, the method's argument `n` (0 to 6).
 pub fn arg(n: u8) -> Vec<u8> {
-    vec![0x68 + n.min(6)]
+    encode(&a::Arg(n.min(6)))
 }
 
 /// Notify (path, value)
 pub fn notify(path: &str, value: u64) -> Vec<u8> {
-    let mut o = vec![0x86];
-    o.extend(name_string(path));
-    o.extend(integer(value));
-    o
+    encode(&a::Notify::new(&Path::new(path), &value))
 }
 
 /// The VM generation ID device (`devices/vmgenid.rs`). Linux's vmgenid
@@ -316,9 +219,10 @@ mod tests {
     fn encodings_match_iasl() {
         // iasl: Name (_HID, EisaId ("PNP0501")) => 08 5F 48 49 44 0C 41 D0 05 01
         assert_eq!(name("_HID", eisa_id("PNP0501")), [0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x05, 0x01]);
-        assert_eq!(pkg_length(10), vec![11]);
-        assert_eq!(pkg_length(0x40), vec![0x42, 0x04]);
-        assert_eq!(name_string("\\_SB_.COM1")[..2], [b'\\', 0x2e]);
+        // PkgLength counts its own bytes: one byte up to 63, then two.
+        assert_eq!(package(&vec![integer(0); 9])[..3], [0x12, 11, 9]);
+        assert_eq!(package(&vec![integer(0); 63])[..4], [0x12, 0x42, 0x04, 63]);
+        assert_eq!(notify("\\_SB_.COM1", 0x80)[..3], [0x86, b'\\', 0x2e]);
         assert_eq!(io_port(0x3f8, 8), [0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]);
         assert_eq!(isa_irq(4), [0x22, 0x10, 0x00]);
         assert_eq!(package(&[integer(5)]), [0x12, 0x04, 0x01, 0x0a, 0x05]);

@@ -3,6 +3,13 @@
 //! One input thread lives as long as the process and feeds whichever UART
 //! belongs to the current boot, so a guest reboot does not lose keystrokes
 //! or leave a reader blocked on a dead device.
+//!
+//! The terminal mode is not `vmm_sys_util::terminal`'s: its raw mode clears
+//! ISIG (Ctrl-C must still stop the VMM here) and leaves ICRNL/IXON set (so
+//! Enter would reach the guest as a newline and Ctrl-S/Ctrl-Q would never
+//! reach it), and it has no way back to the saved mode: `set_canon_mode`
+//! sets flags rather than restoring what the terminal had. `RawTerminal`
+//! saves the whole termios and restores it on drop.
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,12 @@
 //! Process signals: SIGINT/SIGTERM/SIGHUP become lifecycle events, and a
 //! real-time signal kicks vCPU threads out of KVM_RUN.
+//!
+//! Handlers are installed with `vmm_sys_util::signal` (which sets no
+//! SA_RESTART, so a kicked KVM_RUN returns EINTR) and threads are kicked
+//! with its `Killable`; what stays here is what the handlers do, and the
+//! pipe that turns a termination signal into an event.
 use std::cell::Cell;
+use std::ffi::{c_int, c_void};
 use std::io::Read;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -8,16 +14,17 @@ use std::sync::Once;
 
 use crate::error::VmmError;
 use crate::lifecycle::{EventSender, VmEvent};
+use vmm_sys_util::signal::register_signal_handler;
 
 static SIGNAL_PIPE_W: AtomicI32 = AtomicI32::new(-1);
 static INSTALL: Once = Once::new();
 
 /// The signal used to interrupt a vCPU thread blocked in KVM_RUN.
 pub fn kick_signal() -> i32 {
-    libc::SIGRTMIN()
+    vmm_sys_util::signal::SIGRTMIN()
 }
 
-extern "C" fn on_terminate(sig: libc::c_int) {
+extern "C" fn on_terminate(sig: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
     let fd = SIGNAL_PIPE_W.load(Ordering::Relaxed);
     if fd >= 0 {
         let b = sig as u8;
@@ -38,7 +45,7 @@ pub fn set_immediate_exit_target(flag: *mut u8) {
     IMMEDIATE_EXIT.with(|c| c.set(flag));
 }
 
-extern "C" fn on_kick(_sig: libc::c_int) {
+extern "C" fn on_kick(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
     // A const-initialized thread-local without destructor is a plain TLS
     // load, safe in a signal handler.
     let flag = IMMEDIATE_EXIT.with(Cell::get);
@@ -47,20 +54,6 @@ extern "C" fn on_kick(_sig: libc::c_int) {
         // and clears it before unmapping; we run on that same thread.
         unsafe { std::ptr::write_volatile(flag, 1) };
     }
-}
-
-fn install(sig: i32, handler: extern "C" fn(libc::c_int)) -> std::io::Result<()> {
-    // SAFETY: a zeroed sigaction with a valid handler and an empty mask. No
-    // SA_RESTART, so that KVM_RUN returns EINTR when kicked.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = handler as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 /// Installs the handlers once per process; termination signals are
@@ -91,8 +84,9 @@ fn install_inner(events: EventSender) -> Result<(), VmmError> {
             }
         })
         .map_err(VmmError::Thread)?;
+    let io = |e: vmm_sys_util::errno::Error| VmmError::Signal(std::io::Error::from_raw_os_error(e.errno()));
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        install(sig, on_terminate).map_err(VmmError::Signal)?;
+        register_signal_handler(sig, on_terminate).map_err(io)?;
     }
-    install(kick_signal(), on_kick).map_err(VmmError::Signal)
+    register_signal_handler(kick_signal(), on_kick).map_err(io)
 }

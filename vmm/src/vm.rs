@@ -1,7 +1,6 @@
 //! One boot of a VM: KVM objects, memory, devices and vCPU threads, and the
 //! loop that boots again on reset.
 use std::os::fd::AsRawFd;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -12,6 +11,7 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_EN
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
 
 use crate::config::{OnReboot, VmConfig};
 use crate::console::{self, InputTarget};
@@ -669,9 +669,9 @@ impl Boot {
         self.control.stop();
         while self.threads.iter().any(|t| !t.is_finished()) {
             for t in self.threads.iter().filter(|t| !t.is_finished()) {
-                // SAFETY: the thread is alive (not finished, not joined), so
-                // its pthread_t is valid; the kick handler does nothing.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), signals::kick_signal()) };
+                // The thread is alive (not finished, not joined); the kick
+                // handler does nothing but end its KVM_RUN.
+                let _ = t.kill(signals::kick_signal());
             }
             std::thread::sleep(Duration::from_millis(2));
         }

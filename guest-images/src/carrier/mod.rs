@@ -5,6 +5,7 @@
 //! over 9p; see docs/carrier.md.
 
 mod image;
+pub mod relay;
 mod run;
 
 use std::path::PathBuf;
@@ -79,6 +80,20 @@ impl CarrierError {
         CarrierError::Io { path: path.into(), source }
     }
 }
+
+/// True inside the carrier VM (`run` sets `DVISOR_IN_CARRIER` for the command).
+pub fn in_carrier() -> bool {
+    std::env::var_os(IN_CARRIER_VAR).is_some()
+}
+
+/// True where a VM has to run inside the carrier: not already in it, and
+/// the host has no hardware KVM.
+pub fn needed() -> bool {
+    !in_carrier() && !host_has_hardware_kvm()
+}
+
+/// The environment variable that tells a command it runs in the carrier.
+pub const IN_CARRIER_VAR: &str = "DVISOR_IN_CARRIER";
 
 /// True only where dvisor can use the host's /dev/kvm directly: the CPU
 /// advertises VT-x/AMD-V, /dev/kvm exists, and it is not served by the PVM

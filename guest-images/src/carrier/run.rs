@@ -334,13 +334,13 @@ fn filtered_env(extra: &[(String, String)]) -> Vec<(String, String)> {
 fn filter_env(host: impl Iterator<Item = (String, String)>, extra: &[(String, String)]) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = host
         .filter(|(k, _)| ENV_NAMES.contains(&k.as_str()) || ENV_PREFIXES.iter().any(|p| k.starts_with(p)))
-        .filter(|(k, _)| k != "DVISOR_IN_CARRIER" && k != RUNTIME_DIR_VAR)
+        .filter(|(k, _)| k != super::IN_CARRIER_VAR && k != RUNTIME_DIR_VAR)
         .collect();
     if !extra.iter().any(|(k, _)| k == RUNTIME_DIR_VAR) {
         env.push((RUNTIME_DIR_VAR.into(), RUNTIME_DIR.into()));
     }
     env.extend(extra.iter().cloned());
-    env.push(("DVISOR_IN_CARRIER".into(), "1".into()));
+    env.push((super::IN_CARRIER_VAR.into(), "1".into()));
     env
 }
 

@@ -103,7 +103,7 @@ impl VmGenId {
 
     /// The ID as 32 lowercase hex digits, in memory order.
     pub fn hex_id(&self) -> String {
-        self.id.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.id)
     }
 
     /// Guest-physical address of the 16 bytes.

@@ -297,7 +297,7 @@ pub fn new_id() -> String {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         b[..16].copy_from_slice(&(t ^ u128::from(std::process::id())).to_le_bytes());
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex::encode(b)
 }
 
 /// The layer chain of a snapshot, newest last: follows `parent` links and

@@ -24,6 +24,11 @@
 //! side probes until it does, then binds; when the monitor stops answering
 //! it removes the socket and probes again. So `dvisor status` says "no
 //! monitor serves ..." in between, as it does without the carrier.
+//!
+//! [`run_relaying`] is the host side as `dvisor run` uses it (carrier plus
+//! relay), [`serve_from_env`] the carrier side. Problems that only cost the
+//! host its access to the monitor are warnings on stderr, never errors: the
+//! VM runs anyway.
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -33,6 +38,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use super::{CarrierError, CarrierOptions, TcpForward, CARRIER_IP};
 
 /// The port the inner `dvisor run` listens on, inside the carrier.
 pub const CARRIER_PORT: u16 = 7077;
@@ -141,7 +148,7 @@ fn same_token(a: &str, b: &str) -> bool {
 pub fn new_token() -> std::io::Result<String> {
     let mut b = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    Ok(hex::encode(b))
 }
 
 /// Parses `ENV_LISTEN`: `ADDR:PORT`, or a bare `PORT` (all addresses).
@@ -171,6 +178,20 @@ pub fn serve_in_carrier(listen: SocketAddr, token: String, control: PathBuf) -> 
         }
     })?;
     Ok(())
+}
+
+/// Inside the carrier, when the host side asked for it (`ENV_LISTEN` and
+/// `ENV_TOKEN`, set by [`run_relaying`]): serves the monitor's control
+/// socket `control` over TCP for the host. `Err` says why the host cannot
+/// reach it; outside the carrier, or when not asked, does nothing.
+pub fn serve_from_env(control: &Path) -> Result<(), String> {
+    if !super::in_carrier() {
+        return Ok(());
+    }
+    let Ok(listen) = std::env::var(ENV_LISTEN) else { return Ok(()) };
+    let addr = parse_listen(&listen).ok_or_else(|| format!("bad {ENV_LISTEN}={listen:?}"))?;
+    let token = std::env::var(ENV_TOKEN).ok().filter(|t| !t.is_empty()).ok_or_else(|| format!("{ENV_TOKEN} is not set"))?;
+    serve_in_carrier(addr, token, control.to_owned()).map_err(|e| format!("listening on {addr}: {e}"))
 }
 
 fn carrier_conn(mut tcp: TcpStream, token: &str, control: &Path) {
@@ -295,7 +316,7 @@ fn host_loop(s: &Arc<HostShared>) {
                     l
                 }
                 Err(e) => {
-                    eprintln!("dvisor: warning: not relaying the monitor's control socket to this host: {e}; `dvisor pause` etc. from here will not reach this VM (the console works)");
+                    warn_no_relay(&e);
                     return;
                 }
             }
@@ -332,6 +353,49 @@ fn serve_host(s: &Arc<HostShared>, listener: &UnixListener) {
             }
         });
     }
+}
+
+fn warn_no_relay(why: &str) {
+    eprintln!("dvisor: warning: not relaying the monitor's control socket to this host: {why}; `dvisor pause` etc. from here will not reach this VM (the console works)");
+}
+
+/// Host side, as `dvisor run` uses it: runs `cmd` in the carrier (as
+/// [`super::run`]) and, while it runs, serves the control socket of the
+/// monitor in the carrier at `host_socket` on this host. If the relay
+/// cannot be set up it says so once and runs the carrier without it.
+pub fn run_relaying(cmd: &[String], opts: &CarrierOptions, host_socket: PathBuf) -> Result<i32, CarrierError> {
+    let (guard, port, token) = match start_on_free_port(host_socket) {
+        Ok(v) => v,
+        Err(e) => {
+            warn_no_relay(&e);
+            return super::run(cmd, opts);
+        }
+    };
+    let forward = TcpForward { host_port: port, carrier_port: CARRIER_PORT };
+    let mut relayed = opts.clone();
+    relayed.extra_env.push((ENV_LISTEN.into(), format!("{CARRIER_IP}:{CARRIER_PORT}")));
+    relayed.extra_env.push((ENV_TOKEN.into(), token));
+    match super::run_forwarding(cmd, &relayed, &[forward]) {
+        // The port was taken since we picked it; nothing ran yet.
+        Err(CarrierError::HostForward(e)) => {
+            drop(guard);
+            warn_no_relay(&e);
+            super::run(cmd, opts)
+        }
+        other => other,
+    }
+}
+
+/// A free 127.0.0.1 port for QEMU to forward into the carrier, a fresh
+/// token, and the host socket served while the carrier's monitor answers.
+fn start_on_free_port(path: PathBuf) -> Result<(HostRelay, u16, String), String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("finding a free 127.0.0.1 port: {e}"))?
+        .port();
+    let token = new_token().map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    let r = HostRelay::start(path, port, token.clone())?;
+    Ok((r, port, token))
 }
 
 /// Connects to the carrier and waits for its `ok`.
