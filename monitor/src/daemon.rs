@@ -32,7 +32,7 @@ const ALL_KINDS: &[EventKind] =
 
 pub struct Monitor {
     vmm: VmmClient,
-    memory: RwLock<Option<GuestMemoryMap>>,
+    pub(crate) memory: RwLock<Option<GuestMemoryMap>>,
     recent: Mutex<VecDeque<Event>>,
     hub: EventHub,
     events_seen: AtomicU64,
