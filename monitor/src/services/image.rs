@@ -147,4 +147,8 @@ impl GuestView for ImageGuest {
     fn memory_map(&self, pid: u32) -> Result<Vec<Vma>, MonitorError> {
         self.process(pid).map(|_| self.vmas.clone())
     }
+
+    fn boot(&self) -> Option<u64> {
+        Some(1)
+    }
 }

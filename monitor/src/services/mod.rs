@@ -49,6 +49,9 @@ pub trait GuestView {
     /// A user process (not a kernel thread).
     fn process(&self, pid: u32) -> Result<ProcessInfo, MonitorError>;
     fn memory_map(&self, pid: u32) -> Result<Vec<Vma>, MonitorError>;
+    /// The boot whose memory these reads and writes reach; None when no
+    /// memory is mapped.
+    fn boot(&self) -> Option<u64>;
 }
 
 /// Everything a service may do to a guest.
@@ -126,5 +129,9 @@ impl GuestView for Live<'_> {
 
     fn memory_map(&self, pid: u32) -> Result<Vec<Vma>, MonitorError> {
         self.session(|v| v.memory_map(pid))
+    }
+
+    fn boot(&self) -> Option<u64> {
+        self.core.boot()
     }
 }

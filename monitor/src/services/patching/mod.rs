@@ -609,7 +609,20 @@ impl PatchService {
             bodies,
             warnings: Vec::new(),
         };
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).applied.push(applied.clone());
+        // The patch lives in the processes of the boot whose memory it was
+        // written to. The state's boot can still be the 0 of "not known at
+        // attach" (a monitor that attached before the first boot mapped its
+        // memory lazily, and the Boot event then saw no change): recorded
+        // so, a restarted monitor took the saved patches for another boot's
+        // and dropped them.
+        let boot = g.boot();
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(b) = boot {
+                st.boot = b;
+            }
+            st.applied.push(applied.clone());
+        }
         self.save_patches();
         Ok(applied)
     }
