@@ -13,6 +13,7 @@ mod ops;
 mod policy;
 mod run;
 mod snapshot_cmd;
+mod update_cmd;
 mod vmi_cmd;
 
 use clap::{Parser, Subcommand};
@@ -77,6 +78,9 @@ enum Cmd {
     Snapshot(snapshot_cmd::SnapshotCmd),
     /// Start a second, independent VM from a live snapshot of a running one.
     Clone(clone_cmd::CloneArgs),
+    /// Update or rejuvenate the guest's kernel and software through a
+    /// shadow VM, pausing it only for the switch (ShadowReboot).
+    Update(update_cmd::UpdateArgs),
     /// Run one system call inside a guest process (debugging aid).
     #[command(hide = true)]
     Syscall(vmi_cmd::SyscallArgs),
@@ -112,6 +116,7 @@ fn main() {
         Cmd::Patch(c) => vmi_cmd::patch(c),
         Cmd::Snapshot(c) => snapshot_cmd::run(c),
         Cmd::Clone(a) => clone_cmd::clone(a),
+        Cmd::Update(a) => update_cmd::update(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -34,7 +34,7 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<i32> {
         Some(dir) => dir.join("monitor.sock"),
         None => paths::control_socket(&args.vm),
     });
-    let monitor = Monitor::attach(&api, args.vmlinux, dvisor_images::cache_root())?;
+    let monitor = Monitor::attach(&api, args.vmlinux, dvisor_images::cache_root(), Some(Box::new(crate::run::shadow_command)))?;
     eprintln!(
         "dvisor monitor: attached to {} (pid {}); control socket {}",
         api.display(),

@@ -81,8 +81,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE[,readonly]", value_parser = parse_disk)]
     pub disk: Vec<DiskConfig>,
     /// Network interface served as virtio-net (eth0, eth1, ... in order),
-    /// backed by an existing host tap device: tap=NAME[,mac=XX:XX:XX:XX:XX:XX].
-    /// See scripts/tap-up.sh. Repeatable.
+    /// backed by an existing host tap device: tap=NAME[,mac=XX:XX:XX:XX:XX:XX]
+    /// (see scripts/tap-up.sh), or `none[,mac=...]` for an interface with
+    /// no host link. Repeatable.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
     pub net: Vec<NetConfig>,
     /// Name of this VM: its sockets live in <runtime dir>/<name>/.
@@ -254,6 +255,7 @@ fn run_direct(config: &VmConfig, args: &RunArgs) -> anyhow::Result<i32> {
         dir: absolute(d),
         paused: args.paused,
         new_generation: true,
+        adopt: false,
     });
     let outcome = dvisor_vmm::run(config, &|| Box::new(std::io::stdout()), restore);
     let _ = std::io::stdout().flush();
@@ -417,7 +419,8 @@ impl RunArgs {
         }
         for n in net {
             let mac = n.mac != DEFAULT_MAC;
-            opt("net", Some(format!("tap={}{}", n.tap, if mac { format!(",mac={}", format_mac(&n.mac)) } else { String::new() })));
+            let link = if n.tap.is_empty() { "none".to_string() } else { format!("tap={}", n.tap) };
+            opt("net", Some(format!("{link}{}", if mac { format!(",mac={}", format_mac(&n.mac)) } else { String::new() })));
         }
         opt("name", (name != paths::DEFAULT_VM_NAME).then(|| name.clone()));
         opt("api", path(api));
@@ -450,10 +453,12 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
         match part.split_once('=') {
             Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
             Some(("mac", m)) => mac = parse_mac(m)?,
-            _ => return Err(format!("bad --net part {part:?}: expected tap=NAME[,mac=XX:XX:XX:XX:XX:XX]")),
+            // An interface with no host link (a ShadowReboot shadow's).
+            None if part == "none" => tap = Some(String::new()),
+            _ => return Err(format!("bad --net part {part:?}: expected tap=NAME[,mac=XX:XX:XX:XX:XX:XX] or none[,mac=...]")),
         }
     }
-    let tap = tap.ok_or("--net needs tap=NAME (create one with scripts/tap-up.sh)")?;
+    let tap = tap.ok_or("--net needs tap=NAME (create one with scripts/tap-up.sh), or none for an interface with no host link")?;
     Ok(NetConfig { tap, mac })
 }
 
@@ -484,6 +489,34 @@ fn absolute(p: &std::path::Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
 }
 
+/// The `dvisor run` that starts a ShadowReboot shadow VM (the monitor's
+/// launcher): no monitor of its own, never a carrier (it runs beside the
+/// VM it shadows), exits rather than reboots.
+pub fn shadow_command(spec: &dvisor_monitor::services::update::ShadowSpec) -> std::process::Command {
+    let args = RunArgs {
+        restore: None,
+        paused: false,
+        no_net: false,
+        vcpus: u8::try_from(spec.vcpus).unwrap_or(u8::MAX),
+        mem_mib: spec.mem_mib,
+        kernel: Some(spec.kernel.clone()),
+        initrd: spec.initrd.clone(),
+        cmdline: spec.cmdline.clone(),
+        disk: spec.disks.iter().map(|(path, read_only)| DiskConfig { path: path.clone(), read_only: *read_only }).collect(),
+        net: spec.macs.iter().map(|mac| NetConfig { tap: String::new(), mac: *mac }).collect(),
+        name: spec.name.clone(),
+        api: Some(spec.api.clone()),
+        no_monitor: true,
+        on_reboot: RebootAction::Exit,
+        no_carrier: true,
+        carrier_mem: 0,
+    };
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("dvisor"));
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("run").args(args.to_argv());
+    cmd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,6 +544,7 @@ mod tests {
             net: vec![
                 NetConfig { tap: "tap0".into(), mac: DEFAULT_MAC },
                 NetConfig { tap: "tap1".into(), mac: [0x02, 0xab, 0, 0, 0, 0x0f] },
+                NetConfig { tap: String::new(), mac: [0x02, 0xab, 0, 0, 0, 0x10] },
             ],
             name: "vm-2".into(),
             api: Some("rel/api.sock".into()),

@@ -109,6 +109,12 @@ pub enum Request {
         dir: std::path::PathBuf,
         #[serde(default)]
         paused: bool,
+        /// The snapshot is another VM's of the same shape (a ShadowReboot
+        /// shadow): this VM keeps its disk files and taps (their identity
+        /// is not compared) and runs the snapshot's kernel, initrd and
+        /// command line from now on, reboots included.
+        #[serde(default)]
+        adopt: bool,
     },
     /// KVM's dirty-page log: `start` turns it on, `take` returns the pages
     /// written since the last take (or start) and clears them, `stop`
@@ -319,7 +325,14 @@ pub enum Reply {
     Bytes { gpa: u64, hex: String },
     Subscribed { kinds: Vec<EventKind> },
     Snapshot(CreateReport),
-    Restored { restored: bool, boot: u64 },
+    /// `switch_ns`: from the old guest's pause to the restored guest's
+    /// start (its downtime as the VMM sees it).
+    Restored {
+        restored: bool,
+        boot: u64,
+        #[serde(default)]
+        switch_ns: u64,
+    },
     /// Dirty pages as runs of (first page, count); page = gpa / 4096.
     DirtyPages { runs: Vec<(u64, u64)>, pages: u64 },
     /// The new VM generation ID, 32 hex digits in guest memory order.
@@ -340,6 +353,28 @@ pub struct Status {
     /// beside it).
     #[serde(default)]
     pub kernel: String,
+    /// How this VM boots and what it is attached to: what a ShadowReboot
+    /// shadow of it needs to be of the same shape.
+    #[serde(default)]
+    pub shape: Option<VmShape>,
+}
+
+/// The configuration a VM's next boot uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmShape {
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub mem_mib: u64,
+    pub disks: Vec<DiskShape>,
+    /// Each interface's MAC address, as 12 hex digits.
+    pub nets: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskShape {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

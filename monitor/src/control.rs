@@ -120,6 +120,9 @@ pub enum ControlRequest {
         #[serde(default)]
         args: Vec<u64>,
     },
+    /// ShadowReboot: update (or rejuvenate) the guest through a shadow VM
+    /// (docs/shadowreboot.md). The reply is an `UpdateReport`.
+    Update(crate::services::update::UpdateRequest),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -26,6 +26,7 @@ use crate::control::{ControlEnvelope, ControlRequest, MonitorStatus, VcpuRegs};
 use crate::core::Core;
 use crate::error::MonitorError;
 use crate::services::patching::PatchService;
+use crate::services::update::{Launcher, UpdateService};
 use crate::services::vmi::{VmiService, MAX_ACCESS};
 use crate::services::{inject, Live};
 
@@ -40,6 +41,9 @@ pub struct Monitor {
     core: Core,
     vmi: VmiService,
     patches: PatchService,
+    update: UpdateService,
+    /// The VM's name (its runtime directory's), for naming its shadows.
+    name: String,
     recent: Mutex<VecDeque<Event>>,
     hub: EventHub,
     events_seen: AtomicU64,
@@ -50,7 +54,13 @@ impl Monitor {
     /// Connects to the VMM's support API (waiting for it to appear) and
     /// maps guest memory. Kernel profiles are cached under `cache_root`
     /// when they cannot be kept beside their vmlinux.
-    pub fn attach(api: &Path, vmlinux: Option<PathBuf>, cache_root: PathBuf) -> Result<Arc<Monitor>, MonitorError> {
+    /// `launcher` starts ShadowReboot's shadow VMs (None: no updates).
+    pub fn attach(
+        api: &Path,
+        vmlinux: Option<PathBuf>,
+        cache_root: PathBuf,
+        launcher: Option<Launcher>,
+    ) -> Result<Arc<Monitor>, MonitorError> {
         let start = Instant::now();
         let vmm = loop {
             match VmmClient::connect(api, "dvisor-monitor") {
@@ -66,6 +76,12 @@ impl Monitor {
             core: Core::new(vmm),
             vmi: VmiService::new(vmlinux, cache_root),
             patches: PatchService::default(),
+            update: UpdateService::new(launcher, api.parent().unwrap_or(Path::new(".")).to_path_buf()),
+            name: api
+                .parent()
+                .and_then(|d| d.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "vm".into()),
             recent: Mutex::new(VecDeque::new()),
             hub: EventHub::default(),
             events_seen: AtomicU64::new(0),
@@ -205,7 +221,7 @@ impl Monitor {
                 return self.forward(Request::Snapshot { out, parent, clone })
             }
             ControlRequest::Restore { dir, paused } => {
-                let reply: serde_json::Value = self.vmm().call(Request::Restore { dir, paused })?;
+                let reply: serde_json::Value = self.vmm().call(Request::Restore { dir, paused, adopt: false })?;
                 // The restored VM has a new memfd and maybe another kernel
                 // layout. The boot event says so too, but later: a request
                 // right after this reply must not read the old memory.
@@ -294,6 +310,18 @@ impl Monitor {
                     *d = *s;
                 }
                 serde_json::to_value(serde_json::json!({ "rax": inject::inject_syscall(&self.live(), pid, nr, a)? }))
+            }
+            ControlRequest::Update(req) => {
+                let dropped = self.patches.patches().len();
+                let report = self.update.update(&self.core, &self.name, &req, dropped);
+                if report.is_ok() {
+                    // As after a restore: new memory, maybe a new kernel.
+                    self.after_new_boot();
+                    if dropped > 0 {
+                        tracing::info!("update: {dropped} process patches of the old guest are gone with it");
+                    }
+                }
+                serde_json::to_value(report?)
             }
             ControlRequest::Events { .. } => unreachable!("streamed by serve_client"),
         };

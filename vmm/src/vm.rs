@@ -92,9 +92,12 @@ pub fn run(
     let disks = Arc::new(Mutex::new(config.disks.clone()));
     let msr_indices = Arc::new(snapshot::vcpu::msr_index_list(&kvm)?);
     let restore_slot = RestoreSlot::default();
+    // What the next boot starts: an adopted snapshot (ShadowReboot's
+    // switch) changes the kernel, initrd and command line from then on.
+    let mut config = config.clone();
     // A snapshot to start from: checked (CLI) and loaded before any VM.
-    let mut pending: Option<PendingRestore> = match restore {
-        Some(r) => Some((snapshot::restore::prepare(&kvm, &r.dir, config)?, r, None)),
+    let mut pending: Option<(Vec<format::Loaded>, RestoreFrom)> = match restore {
+        Some(r) => Some((snapshot::restore::prepare(&kvm, &r.dir, &config, false)?, r)),
         None => None,
     };
 
@@ -108,50 +111,47 @@ pub fn run(
             disks: disks.clone(),
         };
         let console_out: ConsoleOut = Box::new(ConsoleTee::new(make_console(), hub.clone()));
-        let (restore_reply, boot) = match pending.take() {
-            Some((chain, from, reply)) => {
-                let b = Boot::restore(&kvm, config, &ctx, console_out, &input, &chain, &from, &msr_indices, &restore_slot);
-                let b = match (b, reply) {
-                    (Ok(b), reply) => (reply, b),
-                    (Err(e), Some(reply)) => {
-                        // The old boot is gone: the VMM cannot go on.
-                        let _ = reply.send(Err(e.to_string()));
-                        return Err(e);
-                    }
-                    (Err(e), None) => return Err(e),
-                };
+        let mut boot = match pending.take() {
+            Some((chain, from)) => {
+                let b = Boot::restore(&kvm, &config, &ctx, console_out, &input, &chain, &from, &msr_indices, &restore_slot)?;
                 // Announced as a boot: the monitor maps the new memory and
                 // looks for the kernel again, as after a reboot.
                 hub.lifecycle(Lifecycle::Boot, format!("boot {} (restored from {})", ctx.number, from.dir.display()));
                 b
             }
             None => {
-                let b = Boot::start(&kvm, config, &ctx, console_out, &input, &msr_indices, &restore_slot)?;
+                let b = Boot::start(&kvm, &config, &ctx, console_out, &input, &msr_indices, &restore_slot)?;
                 hub.lifecycle(Lifecycle::Boot, format!("boot {}", ctx.number));
-                (None, b)
+                b
             }
         };
         current.set(Some(boot.handles.clone()));
-        if let Some(reply) = restore_reply {
-            let _ = reply.send(Ok(boot.handles.boot));
-        }
         let event = loop {
             let event = next_event(&rx);
             if event != VmEvent::Restore {
                 break event;
             }
-            // In-place restore (support API): the VMM process, its API
-            // socket and connections, the taps and the disks stay; memory,
-            // vCPUs and devices are replaced. Everything that can be
-            // checked is checked before the running boot is stopped.
             let Some(req) = restore_slot.take() else { continue };
-            match snapshot::restore::prepare(&kvm, &req.from.dir, config) {
-                Ok(chain) => {
-                    pending = Some((chain, req.from, Some(req.reply)));
-                    break event;
+            let ctx = BootContext {
+                events: tx.clone(),
+                hub: hub.clone(),
+                number: boots.load(Ordering::Relaxed) + 1,
+                taps: &taps,
+                disks: disks.clone(),
+            };
+            let switch = Switch { kvm: &kvm, config: &config, ctx: &ctx, input: &input, msr_indices: &msr_indices, restore_slot: &restore_slot };
+            match switch.run(&boot, &req.from, make_console) {
+                Ok((new_boot, new_config, switch_ns)) => {
+                    boots.fetch_add(1, Ordering::Relaxed);
+                    let old = std::mem::replace(&mut boot, new_boot);
+                    current.set(Some(boot.handles.clone()));
+                    old.stop();
+                    config = new_config;
+                    hub.lifecycle(Lifecycle::Boot, format!("boot {} (restored from {})", ctx.number, req.from.dir.display()));
+                    let _ = req.reply.send(Ok(Restored { boot: boot.handles.boot, switch_ns }));
                 }
                 Err(e) => {
-                    let _ = req.reply.send(Err(e.to_string()));
+                    let _ = req.reply.send(Err(e));
                 }
             }
         };
@@ -160,9 +160,6 @@ pub fn run(
         boot.stop();
         tracing::debug!("vCPUs stopped");
         input.set(None);
-        if event == VmEvent::Restore {
-            continue;
-        }
         match &event {
             VmEvent::PowerOff => hub.lifecycle(Lifecycle::Shutdown, "guest powered off"),
             VmEvent::Signal(s) => hub.lifecycle(Lifecycle::Shutdown, format!("VMM stopped by signal {s}")),
@@ -199,6 +196,59 @@ pub fn run(
     }
 }
 
+/// An in-place restore: the running boot is paused (not stopped) while the
+/// restored one is built, so that a restore that fails half way leaves the
+/// guest as it was and resumes it; only once the new boot runs is the old
+/// one stopped. The pause is the guest's downtime.
+struct Switch<'a> {
+    kvm: &'a Kvm,
+    config: &'a VmConfig,
+    ctx: &'a BootContext<'a>,
+    input: &'a InputTarget,
+    msr_indices: &'a Arc<Vec<u32>>,
+    restore_slot: &'a RestoreSlot,
+}
+
+impl Switch<'_> {
+    fn run(&self, old: &Boot, from: &RestoreFrom, make_console: &dyn Fn() -> ConsoleOut) -> Result<(Boot, VmConfig, u64), String> {
+        // Everything that can refuse the snapshot runs while the guest runs.
+        let chain = snapshot::restore::prepare(self.kvm, &from.dir, self.config, from.adopt).map_err(|e| e.to_string())?;
+        let mut config = self.config.clone();
+        if from.adopt {
+            // A shadow VM's state: its kernel is this VM's from now on.
+            if let Some(last) = chain.last() {
+                let saved = &last.state.config;
+                config.kernel = saved.kernel.clone();
+                config.initrd = saved.initrd.clone();
+                config.cmdline = saved.cmdline.clone();
+            }
+        }
+        let t = std::time::Instant::now();
+        let (already, _) = old.control.pause();
+        let old_serial = old.handles.device_set.serial.clone();
+        // Completed writes reach the files (an overlay's index too) before
+        // the new boot's devices open them.
+        for b in &old.handles.device_set.blocks {
+            if let Err(e) = lock(b).device_mut().sync() {
+                tracing::warn!("syncing a disk before the switch: {e}");
+            }
+        }
+        let console_out: ConsoleOut = Box::new(ConsoleTee::new(make_console(), self.ctx.hub.clone()));
+        match Boot::restore(self.kvm, &config, self.ctx, console_out, self.input, &chain, from, self.msr_indices, self.restore_slot) {
+            Ok(b) => Ok((b, config, t.elapsed().as_nanos() as u64)),
+            Err(e) => {
+                // The old boot never stopped: it goes on where it was.
+                self.input.set(Some(old_serial));
+                if !already {
+                    old.control.resume();
+                }
+                tracing::warn!("in-place restore failed; the running guest continues: {e}");
+                Err(format!("{e} (the running guest was resumed as it was)"))
+            }
+        }
+    }
+}
+
 fn next_event(rx: &EventReceiver) -> VmEvent {
     // The sender side lives in this function's caller, so recv only fails
     // if every sender is gone, which cannot happen while we hold `tx`.
@@ -216,16 +266,25 @@ pub struct RestoreFrom {
     /// Give the guest a new VM generation ID (always, except when the
     /// caller restores the very same VM, e.g. a test of determinism).
     pub new_generation: bool,
+    /// The snapshot is another VM's of this shape (ShadowReboot's shadow):
+    /// this VM keeps its disk files and taps, whose identity is not
+    /// compared, and takes the snapshot's kernel, initrd and command line.
+    pub adopt: bool,
 }
 
-/// A checked snapshot chain waiting to be restored, and whom to tell.
-type PendingRestore = (Vec<format::Loaded>, RestoreFrom, Option<std::sync::mpsc::SyncSender<Result<u64, String>>>);
+/// A finished in-place restore.
+#[derive(Clone, Copy, Debug)]
+pub struct Restored {
+    pub boot: u64,
+    /// From the old guest's pause to the restored guest's start.
+    pub switch_ns: u64,
+}
 
 /// An in-place restore asked for through the support API.
 pub struct RestoreRequest {
     pub from: RestoreFrom,
-    /// Gets the new boot number, or why the restore failed.
-    pub reply: std::sync::mpsc::SyncSender<Result<u64, String>>,
+    /// Gets the new boot, or why the restore failed.
+    pub reply: std::sync::mpsc::SyncSender<Result<Restored, String>>,
 }
 
 /// Hands an in-place restore request from an API thread to the VM loop.

@@ -9,12 +9,16 @@
 //! - `patching`: live patches of guest processes (apply, revert, the
 //!   safe-mode check, the patch-space free map, persistence).
 //!
-//! Coming ones (snapshots and updates, kernel patching, correlation,
+//! - `update`: ShadowReboot, the guest updated or rejuvenated through a
+//!   shadow VM whose state the VMM adopts in place.
+//!
+//! Coming ones (kernel patching, correlation,
 //! history, policies) go beside them, the same way.
 #[cfg(test)]
 pub(crate) mod image;
 pub mod inject;
 pub mod patching;
+pub mod update;
 pub mod vmi;
 
 use crate::core::{Core, VmControl};

@@ -15,6 +15,7 @@ use kvm_ioctls::VmFd;
 use dvisor_api::fdpass::send_with_fd;
 use dvisor_api::monotonic_ns;
 use dvisor_api::protocol::*;
+use crate::devices::set::lock;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::convert;
@@ -516,7 +517,7 @@ fn dispatch_vm(b: &BootHandles, hub: &EventHub, req: Request) -> Outcome {
             Reply::Bytes { gpa, hex: hex(&data) }
         }
         Request::Snapshot { out, parent, clone } => snapshot(b, hub, out, parent, clone)?,
-        Request::Restore { dir, paused } => restore_in_place(b, dir, paused)?,
+        Request::Restore { dir, paused, adopt } => restore_in_place(b, dir, paused, adopt)?,
         Request::DirtyLog { action } => dirty_log(b, action)?,
         Request::RegenerateVmId => {
             let mut dev = b.device_set.vmgenid.lock().map_err(|_| failed("VM generation ID", "lock poisoned"))?;
@@ -617,9 +618,9 @@ fn snapshot(
     Ok(Reply::Snapshot(report))
 }
 
-fn restore_in_place(b: &BootHandles, dir: PathBuf, paused: bool) -> Result<Reply, ApiError> {
+fn restore_in_place(b: &BootHandles, dir: PathBuf, paused: bool, adopt: bool) -> Result<Reply, ApiError> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let from = crate::vm::RestoreFrom { dir, paused, new_generation: true };
+    let from = crate::vm::RestoreFrom { dir, paused, new_generation: true, adopt };
     b.restore
         .put(crate::vm::RestoreRequest { from, reply: tx })
         .map_err(|_| ApiError::new(ErrorCode::WrongState, "another restore of this VM is in progress"))?;
@@ -627,7 +628,7 @@ fn restore_in_place(b: &BootHandles, dir: PathBuf, paused: bool) -> Result<Reply
         return Err(ApiError::new(ErrorCode::WrongState, "the VM is shutting down"));
     }
     match rx.recv_timeout(Duration::from_secs(600)) {
-        Ok(Ok(boot)) => Ok(Reply::Restored { restored: true, boot }),
+        Ok(Ok(r)) => Ok(Reply::Restored { restored: true, boot: r.boot, switch_ns: r.switch_ns }),
         Ok(Err(e)) => Err(ApiError::new(ErrorCode::Failed, format!("restore: {e}"))),
         Err(_) => Err(ApiError::new(ErrorCode::Failed, "restore: the VM loop did not answer")),
     }
@@ -679,6 +680,22 @@ fn status(b: &BootHandles) -> Status {
         boot: b.boot,
         devices: b.devices.iter().map(|d| d.info.clone()).collect(),
         kernel: b.kernel.display().to_string(),
+        shape: Some(VmShape {
+            initrd: b.config.initrd.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+            cmdline: b.config.cmdline.clone(),
+            mem_mib: b.config.mem_mib,
+            // The size the guest sees (an overlay's file is smaller).
+            disks: lock(&b.disks)
+                .iter()
+                .zip(&b.device_set.blocks)
+                .map(|(d, blk)| DiskShape {
+                    path: std::path::absolute(&d.path).unwrap_or_else(|_| d.path.clone()),
+                    read_only: d.read_only,
+                    size: lock(blk).device().capacity_sectors() * 512,
+                })
+                .collect(),
+            nets: b.config.nets.iter().map(|n| hex::encode(n.mac)).collect(),
+        }),
     }
 }
 

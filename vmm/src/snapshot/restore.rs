@@ -17,7 +17,10 @@ use crate::memory::GuestRam;
 /// Loads and checks the snapshot at `dir` and its parents against this
 /// host and `config` (the VM it will become): format, checksums, memory
 /// file sizes, CPU features, disks. Returns the chain, base first.
-pub fn prepare(kvm: &Kvm, dir: &Path, config: &VmConfig) -> Result<Vec<Loaded>, SnapshotError> {
+/// `adopt`: the snapshot is another VM's (a ShadowReboot shadow) whose
+/// disks stood in for this VM's: their count must match, their identity
+/// is not compared (this VM keeps its own files).
+pub fn prepare(kvm: &Kvm, dir: &Path, config: &VmConfig, adopt: bool) -> Result<Vec<Loaded>, SnapshotError> {
     let chain = format::chain(dir)?;
     let Some(last) = chain.last() else {
         return Err(SnapshotError::Invalid("empty snapshot chain".into()));
@@ -46,6 +49,17 @@ pub fn prepare(kvm: &Kvm, dir: &Path, config: &VmConfig) -> Result<Vec<Loaded>, 
         )));
     }
     for (index, (d, c)) in saved.disks.iter().zip(&config.disks).enumerate() {
+        if adopt {
+            if d.config.read_only != c.read_only {
+                return Err(SnapshotError::Invalid(format!(
+                    "disk {index}: the snapshot's VM had it {}, this VM has {} {}",
+                    if d.config.read_only { "read-only" } else { "writable" },
+                    c.path.display(),
+                    if c.read_only { "read-only" } else { "writable" }
+                )));
+            }
+            continue;
+        }
         check_disk(index, d, &c.path)?;
     }
     Ok(chain)
