@@ -24,10 +24,15 @@ pub struct Inputs {
 /// Resolves `kernel_meta` (e.g. `linux-image-cloud-amd64`) and busybox.
 pub fn resolve_inputs(kernel_meta: &str, progress: Progress) -> Result<Inputs, ImageError> {
     progress.step(format!("resolving {kernel_meta} and {BUSYBOX_PACKAGE} with apt-cache"));
-    let kernel = apt::resolve_meta(kernel_meta, "linux-image-")?;
+    let kernel = resolve_kernel(kernel_meta)?;
     let busybox = apt::candidate(BUSYBOX_PACKAGE)?;
     progress.step(format!("kernel {} {}, busybox {}", kernel.name, kernel.version, busybox.version));
     Ok(Inputs { kernel, busybox })
+}
+
+/// The concrete kernel package (and version) `kernel_meta` stands for.
+pub fn resolve_kernel(kernel_meta: &str) -> Result<Package, ImageError> {
+    apt::resolve_meta(kernel_meta, "linux-image-")
 }
 
 /// Unpacked packages (they live in the caller's work dir).
@@ -38,23 +43,30 @@ pub struct Unpacked {
 
 /// Downloads and unpacks both packages into `work`.
 pub fn fetch(inputs: &Inputs, work: &Path, progress: Progress) -> Result<Unpacked, ImageError> {
-    let debs = work.join("debs");
-    std::fs::create_dir_all(&debs).at(&debs)?;
-    let mut unpacked = Vec::new();
-    for pkg in [&inputs.kernel, &inputs.busybox] {
-        progress.step(format!("downloading {}={} (apt-get download)", pkg.name, pkg.version));
-        let file = apt::download(pkg, &debs)?;
-        let dest = work.join(&pkg.name);
-        progress.step(format!("unpacking {}", file.file_name().unwrap_or_default().to_string_lossy()));
-        deb::extract(&file, &dest)?;
-        unpacked.push(dest);
-    }
-    let kernel = deb::kernel_tree(&unpacked[0])?;
-    let busybox = unpacked[1].join("bin/busybox");
+    let kernel = fetch_kernel(&inputs.kernel, work, progress)?;
+    let unpacked = fetch_package(&inputs.busybox, work, progress)?;
+    let busybox = unpacked.join("bin/busybox");
     if !busybox.is_file() {
-        return Err(ImageError::MissingInPackage { path: unpacked[1].clone(), what: "bin/busybox".into() });
+        return Err(ImageError::MissingInPackage { path: unpacked, what: "bin/busybox".into() });
     }
     Ok(Unpacked { kernel, busybox })
+}
+
+/// Downloads and unpacks the kernel package alone into `work`.
+pub fn fetch_kernel(kernel: &Package, work: &Path, progress: Progress) -> Result<KernelTree, ImageError> {
+    deb::kernel_tree(&fetch_package(kernel, work, progress)?)
+}
+
+/// Downloads `pkg` into `work/debs` and unpacks it into `work/<name>`.
+fn fetch_package(pkg: &Package, work: &Path, progress: Progress) -> Result<PathBuf, ImageError> {
+    let debs = work.join("debs");
+    std::fs::create_dir_all(&debs).at(&debs)?;
+    progress.step(format!("downloading {}={} (apt-get download)", pkg.name, pkg.version));
+    let file = apt::download(pkg, &debs)?;
+    let dest = work.join(&pkg.name);
+    progress.step(format!("unpacking {}", file.file_name().unwrap_or_default().to_string_lossy()));
+    deb::extract(&file, &dest)?;
+    Ok(dest)
 }
 
 /// Adds the skeleton every initramfs needs: directories, `/dev/console`

@@ -40,7 +40,7 @@ pub const INIT_SCRIPT: &str = include_str!("../init/guest-init.sh");
 pub const LOADER_SCRIPT: &str = include_str!("../init/load-virtio-modules.sh");
 
 const F_KERNEL: &str = "bzImage";
-const F_VMLINUX: &str = "vmlinux";
+pub(crate) const F_VMLINUX: &str = "vmlinux";
 const F_INITRD: &str = "initrd.cpio";
 const F_DISK: &str = "disk.raw";
 const F_SERVICE: &str = "demo-service";

@@ -2,6 +2,8 @@
 //!
 //! - [`build_guest_image`] / [`current_guest_image`]: the default guest
 //!   (Debian cloud kernel, busybox initramfs with the demo service).
+//! - [`guest_vmlinux`]: that image's kernel ELF alone (fetched and cached
+//!   without building the image when none is built).
 //! - [`carrier`]: a QEMU-TCG VM with a real /dev/kvm for hosts without
 //!   hardware virtualization.
 //!
@@ -15,6 +17,7 @@ pub mod cpio;
 pub mod deb;
 mod error;
 mod guest;
+mod kernel;
 pub mod kernel_payload;
 pub mod modules;
 pub mod service;
@@ -26,3 +29,4 @@ pub use guest::{
     build_guest_image, current_guest_image, load as load_guest_image, read_manifest, BuildOptions, FileEntry, GuestImage, Manifest,
     DEFAULT_CMDLINE,
 };
+pub use kernel::guest_vmlinux;

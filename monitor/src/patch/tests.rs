@@ -70,9 +70,9 @@ fn cmds(name: &str) -> CommandFile {
     CommandFile::parse(name, &sample_text(name)).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The demo service of the default guest image (built if missing).
+/// The demo service, compiled once from the image's source with the image's
+/// flags (`dvisor_images::service`), so no image is needed.
 struct Demo {
-    path: PathBuf,
     bytes: Vec<u8>,
     symbols: HashMap<String, TargetSymbol>,
 }
@@ -80,13 +80,20 @@ struct Demo {
 fn demo() -> &'static Demo {
     static DEMO: OnceLock<Demo> = OnceLock::new();
     DEMO.get_or_init(|| {
-        let img = dvisor_images::current_guest_image()
-            .or_else(|_| dvisor_images::build_guest_image(&dvisor_images::BuildOptions { force: false, quiet: true }))
-            .unwrap_or_else(|e| panic!("no guest image and cannot build one: {e}"));
-        let bytes = std::fs::read(&img.service_binary).unwrap_or_else(|e| panic!("{}: {e}", img.service_binary.display()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("demo-service");
+        dvisor_images::service::compile(dir.path(), &path).unwrap_or_else(|e| panic!("{e}"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let symbols = target_symbols(&bytes, 0).unwrap_or_else(|e| panic!("{e}"));
-        Demo { path: img.service_binary, bytes, symbols }
+        Demo { bytes, symbols }
     })
+}
+
+/// Writes the demo service into `dir` for the tools that want a file.
+fn demo_file(dir: &Path) -> PathBuf {
+    let path = dir.join("demo-service");
+    std::fs::write(&path, &demo().bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    path
 }
 
 fn sym(name: &str) -> TargetSymbol {
@@ -133,7 +140,8 @@ fn cstr_at(p: &LinkedPatch, addr: u64) -> String {
 #[test]
 fn demo_service_symbols_match_nm() {
     let d = demo();
-    let reference = nm(&d.path);
+    let dir = tempfile::tempdir().unwrap();
+    let reference = nm(&demo_file(dir.path()));
     for name in ["get_message", "message_ptr", "config_interval_ms", "counter", "reply_counter", "handle_request", "heartbeat"] {
         let t = sym(name);
         let (addr, size, letter) = reference[name];
@@ -171,7 +179,7 @@ fn pie_symbols_get_the_load_base() {
 fn stripped_or_wrong_programs_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let stripped = dir.path().join("demo-stripped");
-    run(Process::new("strip").arg("-o").arg(&stripped).arg(&demo().path));
+    run(Process::new("strip").arg("-o").arg(&stripped).arg(demo_file(dir.path())));
     let e = err_text(target_symbols(&std::fs::read(&stripped).unwrap(), 0));
     assert!(e.starts_with("target program: has no symbol table (stripped?)"), "{e}");
     let e = err_text(target_symbols(&compile("fix.c", NOPIC), 0));

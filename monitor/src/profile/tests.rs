@@ -1,4 +1,5 @@
-//! Tests against the real default guest image (built here if missing) and
+//! Tests against the real kernel of the default guest image (its vmlinux,
+//! or the kernel package alone fetched and cached if no image is built) and
 //! against damaged copies of it.
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -7,7 +8,7 @@ use std::time::Instant;
 use super::cache::{cache_file_beside, load_or_build_at};
 use super::*;
 
-/// The image's vmlinux bytes and its profile, built once for all tests.
+/// The guest kernel's vmlinux bytes and its profile, built once for all tests.
 struct Fixture {
     vmlinux: PathBuf,
     data: Vec<u8>,
@@ -17,14 +18,12 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIX: OnceLock<Fixture> = OnceLock::new();
     FIX.get_or_init(|| {
-        let img = dvisor_images::current_guest_image()
-            .or_else(|_| dvisor_images::build_guest_image(&dvisor_images::BuildOptions { force: false, quiet: true }))
-            .unwrap_or_else(|e| panic!("no guest image and cannot build one: {e}"));
-        let data = std::fs::read(&img.vmlinux).unwrap_or_else(|e| panic!("{}: {e}", img.vmlinux.display()));
+        let vmlinux = dvisor_images::guest_vmlinux(false).unwrap_or_else(|e| panic!("no guest kernel: {e}"));
+        let data = std::fs::read(&vmlinux).unwrap_or_else(|e| panic!("{}: {e}", vmlinux.display()));
         let t = Instant::now();
         let profile = KernelProfile::from_bytes(&data).unwrap_or_else(|e| panic!("{e}"));
-        eprintln!("profile of {} built in {:?}: {} symbols", img.vmlinux.display(), t.elapsed(), profile.symbols.len());
-        Fixture { vmlinux: img.vmlinux, data, profile }
+        eprintln!("profile of {} built in {:?}: {} symbols", vmlinux.display(), t.elapsed(), profile.symbols.len());
+        Fixture { vmlinux, data, profile }
     })
 }
 
