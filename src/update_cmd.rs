@@ -53,9 +53,6 @@ pub struct UpdateArgs {
     /// by then: 300s, 90s, 2m, 1500ms.
     #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
     pub timeout: Duration,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
     #[command(flatten)]
     pub target: Target,
 }
@@ -103,7 +100,7 @@ pub fn update(a: UpdateArgs) -> anyhow::Result<i32> {
         timeout_ms: a.timeout.as_millis() as u64,
     };
     let mut c = a.target.connect()?;
-    if !a.json {
+    if !a.target.json {
         eprintln!(
             "dvisor: {} {}: booting a shadow VM (up to {:?}); the VM keeps running until the switch",
             if req.kernel.is_none() && req.initrd.is_none() && req.cmdline.is_none() { "rejuvenating" } else { "updating" },
@@ -118,7 +115,7 @@ pub fn update(a: UpdateArgs) -> anyhow::Result<i32> {
             return Ok(1);
         }
     };
-    if a.json {
+    if a.target.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(0);
     }

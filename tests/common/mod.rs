@@ -556,7 +556,7 @@ static TEST_NETNS: OnceLock<std::fs::File> = OnceLock::new();
 
 /// Moves this thread into the namespace `own_netns_with_tap` made (if it
 /// made one), where the guest's network is reachable.
-fn enter_test_netns() {
+pub fn enter_test_netns() {
     if let Some(ns) = TEST_NETNS.get() {
         use std::os::fd::AsRawFd;
         // SAFETY: a namespace fd we opened; setns affects this thread only.
