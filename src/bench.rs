@@ -27,6 +27,9 @@ pub enum BenchCmd {
     /// eager) and clone to the first heartbeat, beside a cold boot and
     /// QEMU's own save/restore.
     Snapshot(crate::bench_snapshot::SnapshotBenchArgs),
+    /// ShadowReboot: the longest gap a client sees during `dvisor update`
+    /// beside a plain reboot of the same guest, per memory size.
+    Update(crate::bench_update::UpdateBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -58,6 +61,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<i32> {
         BenchCmd::Vmi(args) => crate::bench_vmi::vmi(args),
         BenchCmd::Patch(args) => crate::bench_patch::patch(args),
         BenchCmd::Snapshot(args) => crate::bench_snapshot::snapshot(args),
+        BenchCmd::Update(args) => crate::bench_update::update(args),
     }
 }
 

@@ -19,17 +19,19 @@ pub struct Vm {
 impl Vm {
     /// Boots the default guest (no monitor) and waits for its shell prompt.
     pub fn boot(name: &str) -> anyhow::Result<Vm> {
-        Self::start(name, &["--no-monitor"])
+        Self::boot_with(name, &["--vcpus", "2", "--no-monitor"])
     }
 
     /// The same, with the monitor that `dvisor run` starts.
     pub fn boot_monitored(name: &str) -> anyhow::Result<Vm> {
-        Self::start(name, &[])
+        Self::boot_with(name, &["--vcpus", "2"])
     }
 
-    fn start(name: &str, extra: &[&str]) -> anyhow::Result<Vm> {
+    /// `dvisor run --name NAME EXTRA...` (with its monitor unless EXTRA
+    /// says --no-monitor), up to the shell prompt.
+    pub fn boot_with(name: &str, extra: &[&str]) -> anyhow::Result<Vm> {
         let mut child = Command::new(std::env::current_exe()?)
-            .args(["run", "--vcpus", "2", "--name", name])
+            .args(["run", "--name", name])
             .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -77,6 +79,12 @@ impl Vm {
         self.stdin.flush()?;
         self.wait_line(|l| l.contains(marker))?;
         Ok(t.elapsed())
+    }
+
+    /// Types a line at the guest's serial shell.
+    pub fn type_line(&mut self, line: &str) -> anyhow::Result<()> {
+        writeln!(self.stdin, "{line}").context("typing into the guest")?;
+        Ok(self.stdin.flush()?)
     }
 
     pub fn stop(&mut self) {

@@ -3,6 +3,7 @@ mod bench;
 mod bench_api;
 mod bench_patch;
 mod bench_snapshot;
+mod bench_update;
 mod bench_vm;
 mod bench_vmi;
 mod clone_cmd;

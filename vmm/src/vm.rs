@@ -224,6 +224,10 @@ impl Switch<'_> {
             }
         }
         let t = std::time::Instant::now();
+        // Frames that arrive from now on wait in the taps for the new guest
+        // instead of going into the old one's memory, which is about to be
+        // dropped (a client's SYN lost there costs it a 1 s retransmit).
+        let rx_held: Vec<_> = old.handles.device_set.nets.iter().map(|n| lock(n)).collect();
         let (already, _) = old.control.pause();
         let old_serial = old.handles.device_set.serial.clone();
         // Completed writes reach the files (an overlay's index too) before
@@ -235,8 +239,15 @@ impl Switch<'_> {
         }
         let console_out: ConsoleOut = Box::new(ConsoleTee::new(make_console(), self.ctx.hub.clone()));
         match Boot::restore(self.kvm, &config, self.ctx, console_out, self.input, &chain, from, self.msr_indices, self.restore_slot) {
-            Ok(b) => Ok((b, config, t.elapsed().as_nanos() as u64)),
+            Ok(b) => {
+                // The old RX threads see the stop flag before they can take
+                // another frame (they check it under the lock held here).
+                old.stop.store(true, Ordering::Release);
+                drop(rx_held);
+                Ok((b, config, t.elapsed().as_nanos() as u64))
+            }
             Err(e) => {
+                drop(rx_held);
                 // The old boot never stopped: it goes on where it was.
                 self.input.set(Some(old_serial));
                 if !already {
@@ -435,7 +446,12 @@ fn spawn_net_rx(
                 let n = unsafe { libc::poll(&mut pfd, 1, 100) };
                 if n > 0 {
                     if let Ok(mut d) = dev.lock() {
-                        d.process_rx();
+                        // A switch (in-place restore) holds this lock while
+                        // it replaces the guest, then stops this thread: a
+                        // frame must stay in the tap for the new guest.
+                        if !stop.load(Ordering::Acquire) {
+                            d.process_rx();
+                        }
                     }
                 }
             }

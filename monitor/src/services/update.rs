@@ -42,9 +42,10 @@ pub const DEFAULT_READY: &str = "^heartbeat ";
 /// Kernel command-line word that tells a guest it boots as a shadow (its
 /// init may then leave the disks alone until the switch).
 pub const SHADOW_CMDLINE_WORD: &str = "dvisor.shadow=1";
-/// The shadow's nice value: the running service comes first while the
-/// shadow boots (on a host with fewer free cores than both VMs' vCPUs, an
-/// equal share starved the running guest in our tests).
+/// The shadow's nice value: about a tenth of a CPU's share against the
+/// running guest's threads when both want it. An equal share starved the
+/// running guest on the carrier's two CPUs (RCU stalls); SCHED_IDLE
+/// starved the shadow under a client's steady load (no boot in 6 min).
 const SHADOW_NICE: libc::c_int = 10;
 /// Console lines kept for an error report.
 const TAIL_LINES: usize = 25;
@@ -204,8 +205,9 @@ impl UpdateService {
         let mut cmd = launcher(&spec);
         cmd.stdin(Stdio::null()).stdout(console).stderr(log);
         // The shadow must not outlive this thread (a monitor killed during
-        // an update leaves no VM behind), and must not starve the running
-        // service of CPU time while it boots: it runs at a lower priority.
+        // an update leaves no VM behind), and must leave the running
+        // service the CPU time it wants while it boots: it runs niced
+        // (inherited by all its threads).
         // SAFETY: prctl and setpriority are async-signal-safe; nothing else
         // runs in the child.
         unsafe {

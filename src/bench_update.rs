@@ -1,0 +1,310 @@
+//! `dvisor bench update`: the gap a client sees, ShadowReboot against a
+//! plain reboot of the same guest, in one run (docs/shadowreboot.md).
+//!
+//! A guest with the demo service on a tap; a client on the host asks the
+//! service every 10 ms. For each memory size: a rejuvenation
+//! (`dvisor update`) and a plain reboot (`reboot -f` typed at the guest's
+//! shell, the VMM boots it again), each measured as the longest time
+//! between two answered requests from just before it to the service's
+//! answers after it.
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Serialize;
+
+/// The papers' cut of a reboot's downtime (ShadowReboot, VEE'13, on
+/// VirtualBox; docs/shadowreboot.md).
+const PAPER_CUT: &str = "91-98%";
+const TAP: &str = "dvbench0";
+const HOST_IP: &str = "10.0.2.1/24";
+const GUEST_IP: &str = "10.0.2.15";
+
+#[derive(Debug, Args)]
+pub struct UpdateBenchArgs {
+    /// Guest memory sizes in MiB, comma-separated.
+    #[arg(long = "mem", value_name = "MIB,...", value_delimiter = ',', default_values_t = [256u64, 1024])]
+    pub mem: Vec<u64>,
+    /// vCPUs of the guest (and of its shadow).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Draw each method's answered requests over time into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Run here even without hardware KVM (used inside the carrier).
+    #[arg(long, hide = true)]
+    pub here: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Method {
+    mem_mib: u64,
+    method: String,
+    /// Longest time between two answered requests.
+    gap_ms: f64,
+    /// When the longest gap began, from the method's start.
+    gap_at_ms: f64,
+    answers: usize,
+    failed_requests: usize,
+    /// The update's own report (switch time etc.), for updates.
+    report: Option<serde_json::Value>,
+    /// Answer times from the method's start, for the plot.
+    #[serde(skip)]
+    times: Vec<f64>,
+    span_ms: f64,
+}
+
+/// Answered-request times, from a client asking every 10 ms.
+struct Client {
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<(Vec<Instant>, usize)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Client {
+    fn start() -> Client {
+        let stop = Arc::new(AtomicBool::new(false));
+        let log: Arc<Mutex<(Vec<Instant>, usize)>> = Arc::default();
+        let thread = {
+            let (stop, log) = (stop.clone(), log.clone());
+            std::thread::spawn(move || {
+                let addr: std::net::SocketAddr = format!("{GUEST_IP}:8080").parse().expect("address");
+                while !stop.load(Ordering::Acquire) {
+                    let ok = ask(&addr);
+                    let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+                    if ok {
+                        l.0.push(Instant::now());
+                    } else {
+                        l.1 += 1;
+                    }
+                    drop(l);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        };
+        Client { stop, log, thread: Some(thread) }
+    }
+
+    /// Answers since `t` and failures since the last call.
+    fn since(&self, t: Instant) -> (Vec<Instant>, usize) {
+        let mut l = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let failed = std::mem::take(&mut l.1);
+        (l.0.iter().copied().filter(|a| *a >= t).collect(), failed)
+    }
+
+    fn answered_after(&self, t: Instant) -> bool {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).0.last().is_some_and(|a| *a > t)
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn ask(addr: &std::net::SocketAddr) -> bool {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(1)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = s.write_all(b"GET\n");
+    let mut a = String::new();
+    s.read_to_string(&mut a).is_ok() && a.starts_with("counter=")
+}
+
+fn sh(cmd: &str) -> anyhow::Result<()> {
+    let st = Command::new("sh").args(["-c", cmd]).status()?;
+    if !st.success() {
+        bail!("`{cmd}` failed ({st})");
+    }
+    Ok(())
+}
+
+fn json(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new(std::env::current_exe()?).args(args).arg("--json").output()?;
+    if !out.status.success() {
+        bail!("dvisor {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Measures `action` as the client sees it: from just before it until the
+/// service has answered for a second after it.
+fn measure(
+    client: &Client,
+    mem_mib: u64,
+    method: &str,
+    action: impl FnOnce() -> anyhow::Result<Option<serde_json::Value>>,
+) -> anyhow::Result<Method> {
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let report = action()?;
+    let done = Instant::now();
+    let deadline = done + Duration::from_secs(300);
+    while !client.answered_after(done) {
+        if Instant::now() > deadline {
+            bail!("{method}: the service did not answer again within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let end = Instant::now();
+    let (answers, failed) = client.since(start);
+    let mut points = vec![start];
+    points.extend(answers.iter().copied());
+    points.push(end);
+    let mut gaps: Vec<(Duration, Duration)> = points.windows(2).map(|w| (w[1] - w[0], w[0] - start)).collect();
+    gaps.sort_by_key(|g| std::cmp::Reverse(g.0));
+    let (gap, gap_at) = gaps.first().copied().unwrap_or_default();
+    let top: Vec<String> = gaps.iter().take(4).map(|(g, at)| format!("{:.0} ms at {:.1} s", g.as_secs_f64() * 1e3, at.as_secs_f64())).collect();
+    progress(&format!("{method}: longest gaps {}; the action took {:.1} s from {:.1} s", top.join(", "), (done - start).as_secs_f64() - 0.5, 0.5));
+    Ok(Method {
+        mem_mib,
+        method: method.into(),
+        gap_ms: gap.as_secs_f64() * 1e3,
+        gap_at_ms: gap_at.as_secs_f64() * 1e3,
+        answers: answers.len(),
+        failed_requests: failed,
+        report,
+        times: answers.iter().map(|a| (*a - start).as_secs_f64() * 1e3).collect(),
+        span_ms: (end - start).as_secs_f64() * 1e3,
+    })
+}
+
+pub fn update(args: UpdateBenchArgs) -> anyhow::Result<i32> {
+    if let Some(code) = crate::bench::in_carrier_if_needed(args.here, 3072)? {
+        return Ok(code);
+    }
+    // A network of our own: the tap and its address vanish with it.
+    // SAFETY: unshare affects this process (single-threaded here).
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        bail!("unshare(CLONE_NEWNET): {} (the benchmark needs root for its tap device)", std::io::Error::last_os_error());
+    }
+    sh(&format!("ip link set lo up && ip tuntap add dev {TAP} mode tap && ip addr add {HOST_IP} dev {TAP} && ip link set {TAP} up"))?;
+    let mut results = Vec::new();
+    for &mem in &args.mem {
+        let name = format!("benchupd{}-{mem}", std::process::id());
+        let cmdline = format!("console=ttyS0 quiet dvisor.ip={GUEST_IP}/24");
+        let mut vm = crate::bench_vm::Vm::boot_with(
+            &name,
+            &[
+                "--vcpus", &args.vcpus.to_string(), "--mem", &mem.to_string(),
+                "--net", &format!("tap={TAP}"), "--cmdline", &cmdline,
+            ],
+        )?;
+        let r = (|| -> anyhow::Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while json(&["status", "--vm", &name]).is_err() {
+                if Instant::now() > deadline {
+                    bail!("the monitor never answered");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let client = Client::start();
+            let up = Instant::now();
+            while !client.answered_after(up) {
+                if up.elapsed() > Duration::from_secs(120) {
+                    bail!("the demo service never answered on {GUEST_IP}:8080");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            progress(&format!("{mem} MiB: rejuvenation (dvisor update)"));
+            results.push(measure(&client, mem, "update (rejuvenation)", || {
+                Ok(Some(json(&["update", "--vm", &name])?))
+            })?);
+            progress(&format!("{mem} MiB: plain reboot"));
+            // The shell is the new guest's now: wait for its prompt.
+            vm.type_line("")?;
+            vm.wait_line(|l| l.contains("guest# "))?;
+            results.push(measure(&client, mem, "plain reboot", || {
+                vm.type_line("reboot -f")?;
+                // Done once the new boot's init runs (the old guest may
+                // answer for a moment after the command).
+                vm.wait_line(|l| l.contains("dvisor-guest: init"))?;
+                Ok(None)
+            })?);
+            Ok(())
+        })();
+        vm.stop();
+        r?;
+    }
+    if let Some(p) = &args.plot {
+        write_plot(p, &results).with_context(|| format!("writing {}", p.display()))?;
+    }
+    print_results(&args, &results)?;
+    Ok(0)
+}
+
+fn progress(s: &str) {
+    let _ = writeln!(std::io::stderr(), "dvisor bench update: {s}");
+}
+
+fn print_results(args: &UpdateBenchArgs, results: &[Method]) -> anyhow::Result<()> {
+    let cut = |mem: u64| -> Option<f64> {
+        let of = |m: &str| results.iter().find(|r| r.mem_mib == mem && r.method.starts_with(m)).map(|r| r.gap_ms);
+        Some(100.0 * (1.0 - of("update")? / of("plain reboot")?))
+    };
+    if args.json {
+        let cuts: Vec<serde_json::Value> =
+            args.mem.iter().map(|m| serde_json::json!({ "mem_mib": m, "cut_percent": cut(*m) })).collect();
+        println!("{}", serde_json::json!({ "methods": results, "cuts": cuts, "paper_cut": PAPER_CUT }));
+        return Ok(());
+    }
+    println!("longest gap between answered requests (client every 10 ms), one guest per memory size");
+    println!("{:>8}  {:<22} {:>10} {:>10} {:>8} {:>7} {:>10}", "memory", "method", "gap ms", "gap at ms", "answers", "failed", "switch ms");
+    for r in results {
+        let switch = r.report.as_ref().and_then(|v| v["switch_ms"].as_f64()).map(|s| format!("{s:.1}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:>4} MiB  {:<22} {:>10.1} {:>10.0} {:>8} {:>7} {:>10}",
+            r.mem_mib, r.method, r.gap_ms, r.gap_at_ms, r.answers, r.failed_requests, switch
+        );
+    }
+    for m in &args.mem {
+        if let Some(c) = cut(*m) {
+            println!("{m} MiB: ShadowReboot cuts the plain reboot's gap by {c:.1}% (papers: {PAPER_CUT}; goal: at least 99%)");
+        }
+    }
+    Ok(())
+}
+
+/// One row per method: a tick at each answered request, so gaps show.
+fn write_plot(path: &std::path::Path, results: &[Method]) -> std::io::Result<()> {
+    let span = results.iter().map(|r| r.span_ms).fold(1.0, f64::max);
+    let (left, width, row) = (260.0, 900.0, 40.0);
+    let height = 60.0 + row * results.len() as f64;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <text x=\"10\" y=\"20\">answered requests over time (client every 10 ms); time axis {:.1} s</text>\n",
+        left + width + 20.0,
+        span / 1e3
+    );
+    for (i, r) in results.iter().enumerate() {
+        let y = 40.0 + row * i as f64;
+        svg.push_str(&format!(
+            "<text x=\"10\" y=\"{}\">{} MiB, {} (gap {:.0} ms)</text>\n",
+            y + 20.0,
+            r.mem_mib,
+            r.method,
+            r.gap_ms
+        ));
+        for t in &r.times {
+            let x = left + width * t / span;
+            svg.push_str(&format!("<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{}\" y2=\"{}\" stroke=\"black\"/>\n", y + 6.0, y + 28.0));
+        }
+    }
+    svg.push_str("</svg>\n");
+    let tmp = path.with_extension("svg.tmp");
+    std::fs::write(&tmp, svg)?;
+    std::fs::rename(&tmp, path)
+}
