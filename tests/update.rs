@@ -161,7 +161,7 @@ fn rejuvenation_gives_a_fresh_boot_and_the_service_answers() {
         let last = g.c.lines().iter().rev().find_map(|l| heartbeat(l).map(|h| h.0)).unwrap_or(0);
         let mark = g.c.line_count();
         let watch = Watch::start(&g.name);
-        let report = dvisor_json(&["update", "--vm", &g.name]);
+        let report = update_with_carrier_reruns(&g.name);
         // The service answers at once on the same address after the switch.
         let t = Instant::now();
         let first = common::try_fetch(&addr(), Duration::from_secs(20));
@@ -190,6 +190,22 @@ fn rejuvenation_gives_a_fresh_boot_and_the_service_answers() {
         assert_ne!(id(&before), id(&after), "the boot id did not change");
         common::ps_matches(&mut g.c, &g.name);
     });
+}
+
+/// `dvisor update --json` on VM `name`, started again (at most twice, with
+/// a note) when its shadow died of the triple fault the carrier's nested
+/// KVM causes now and then (docs/carrier.md): the VM was not touched then.
+fn update_with_carrier_reruns(name: &str) -> serde_json::Value {
+    for rerun in 0..=2 {
+        let (ok, out, err) = dvisor_out(&["update", "--vm", name, "--json"]);
+        if ok {
+            return serde_json::from_str(&out).unwrap_or_else(|e| panic!("dvisor update printed non-JSON ({e}):\n{out}"));
+        }
+        let carrier = std::env::var_os("DVISOR_IN_CARRIER").is_some();
+        assert!(carrier && err.contains("triple fault") && rerun < 2, "dvisor update failed:\n{err}");
+        let _ = writeln_stderr(&format!("NOTE: the shadow triple-faulted inside the carrier; update again ({} of 2)", rerun + 1));
+    }
+    unreachable!()
 }
 
 fn writeln_stderr(s: &str) -> std::io::Result<()> {

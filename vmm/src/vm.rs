@@ -227,7 +227,13 @@ impl Switch<'_> {
         // Frames that arrive from now on wait in the taps for the new guest
         // instead of going into the old one's memory, which is about to be
         // dropped (a client's SYN lost there costs it a 1 s retransmit).
-        let rx_held: Vec<_> = old.handles.device_set.nets.iter().map(|n| lock(n)).collect();
+        // Taking each device's lock once waits out a delivery in progress;
+        // it is not held (a vCPU's queue notify takes it too, and must
+        // reach the pause).
+        old.rx_hold.store(true, Ordering::Release);
+        for n in &old.handles.device_set.nets {
+            drop(lock(n));
+        }
         let (already, _) = old.control.pause();
         let old_serial = old.handles.device_set.serial.clone();
         // Completed writes reach the files (an overlay's index too) before
@@ -239,15 +245,9 @@ impl Switch<'_> {
         }
         let console_out: ConsoleOut = Box::new(ConsoleTee::new(make_console(), self.ctx.hub.clone()));
         match Boot::restore(self.kvm, &config, self.ctx, console_out, self.input, &chain, from, self.msr_indices, self.restore_slot) {
-            Ok(b) => {
-                // The old RX threads see the stop flag before they can take
-                // another frame (they check it under the lock held here).
-                old.stop.store(true, Ordering::Release);
-                drop(rx_held);
-                Ok((b, config, t.elapsed().as_nanos() as u64))
-            }
+            Ok(b) => Ok((b, config, t.elapsed().as_nanos() as u64)),
             Err(e) => {
-                drop(rx_held);
+                old.rx_hold.store(false, Ordering::Release);
                 // The old boot never stopped: it goes on where it was.
                 self.input.set(Some(old_serial));
                 if !already {
@@ -429,13 +429,14 @@ fn spawn_net_rx(
     dev: NetDevice,
     fd: i32,
     stop: Arc<AtomicBool>,
+    hold: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, VmmError> {
     std::thread::Builder::new()
         .name("net-rx".into())
         .spawn(move || {
             while !stop.load(Ordering::Acquire) {
                 let blocked = dev.lock().map(|d| d.device().rx_blocked()).unwrap_or(true);
-                if blocked {
+                if blocked || hold.load(Ordering::Acquire) {
                     // The guest has no RX buffer; its next QueueNotify
                     // delivers the held frame.
                     std::thread::sleep(Duration::from_millis(1));
@@ -446,10 +447,9 @@ fn spawn_net_rx(
                 let n = unsafe { libc::poll(&mut pfd, 1, 100) };
                 if n > 0 {
                     if let Ok(mut d) = dev.lock() {
-                        // A switch (in-place restore) holds this lock while
-                        // it replaces the guest, then stops this thread: a
-                        // frame must stay in the tap for the new guest.
-                        if !stop.load(Ordering::Acquire) {
+                        // During a switch (in-place restore) frames stay in
+                        // the tap for the new guest.
+                        if !stop.load(Ordering::Acquire) && !hold.load(Ordering::Acquire) {
                             d.process_rx();
                         }
                     }
@@ -466,6 +466,8 @@ struct Boot {
     control: Arc<VcpuControl>,
     /// Stops the device threads (net RX).
     stop: Arc<AtomicBool>,
+    /// Makes the net RX threads leave frames in the taps (a switch).
+    rx_hold: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     device_threads: Vec<JoinHandle<()>>,
 }
@@ -680,6 +682,7 @@ impl Boot {
     fn launch(asm: Assembly<'_>, setup: impl Fn(u32, &VcpuFd) -> Result<(), VmmError>) -> Result<Boot, VmmError> {
         let Assembly { config, ctx, vm, ram, devices, msr_indices, restore_slot, paused } = asm;
         let stop = Arc::new(AtomicBool::new(false));
+        let rx_hold = Arc::new(AtomicBool::new(false));
         let control = Arc::new(VcpuControl::new(usize::from(config.vcpus)));
         if paused {
             control.request_pause();
@@ -693,7 +696,7 @@ impl Boot {
         }
         let mut device_threads = Vec::new();
         for (dev, fd) in &devices.virtio.nets {
-            device_threads.push(spawn_net_rx(dev.clone(), *fd, stop.clone())?);
+            device_threads.push(spawn_net_rx(dev.clone(), *fd, stop.clone(), rx_hold.clone())?);
         }
         let handles = Arc::new(BootHandles {
             boot: ctx.number,
@@ -716,7 +719,7 @@ impl Boot {
             events: ctx.events.clone(),
             lazy: Mutex::new(None),
         });
-        let mut boot = Boot { handles, _ram: ram, control: control.clone(), stop, threads: Vec::new(), device_threads };
+        let mut boot = Boot { handles, _ram: ram, control: control.clone(), stop, rx_hold, threads: Vec::new(), device_threads };
         let mmio = devices.virtio.bus.clone();
         for (id, fd) in (0u32..).zip(fds) {
             let runner = VcpuRunner {

@@ -15,7 +15,8 @@
 //!    renamed into place.
 //!
 //! The pause is step 4 only: it grows with what the guest dirties in the
-//! last round, not with memory size.
+//! last round, not with memory size. A VM paused before the snapshot
+//! starts gets one exact copy with its devices held, no dirty logging.
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -185,21 +186,38 @@ pub fn create(
     };
     let file = staging.memory_file(ranges.iter().map(|r| r.gpa + r.size).max().unwrap_or(0))?;
 
-    memory::set_dirty_logging(src.vm, src.memory, true)?;
+    // A VM paused from the start cannot change its memory while it stays
+    // so, once the devices' threads are held too: one copy is exact, and
+    // dirty logging (write-protecting all of guest memory, costly on
+    // nested KVM) is not needed. A ShadowReboot shadow is snapshotted so.
+    let mut held = if src.control.is_paused() { Some(src.devices.lock_all()) } else { None };
+    let frozen = held.is_some() && src.control.is_paused();
+    if !frozen {
+        held = None;
+    }
+    let logging = !frozen;
+    if logging {
+        memory::set_dirty_logging(src.vm, src.memory, true)?;
+    }
     // Whatever happens next, logging goes off again.
-    struct LoggingOff<'a>(&'a VmFd, &'a GuestMemory);
+    struct LoggingOff<'a>(&'a VmFd, &'a GuestMemory, bool);
     impl Drop for LoggingOff<'_> {
         fn drop(&mut self) {
+            if !self.2 {
+                return;
+            }
             if let Err(e) = memory::set_dirty_logging(self.0, self.1, false) {
                 tracing::warn!("turning dirty logging off: {e}");
             }
         }
     }
-    let _off = LoggingOff(src.vm, src.memory);
+    let _off = LoggingOff(src.vm, src.memory, logging);
     let mut dirty = PageSet::with_pages(all.words.len() as u64 * 64);
-    memory::reset_own_writes(src.memory);
-    memory::take_dirty(src.vm, src.memory, &mut dirty)?;
-    dirty.clear();
+    if logging {
+        memory::reset_own_writes(src.memory);
+        memory::take_dirty(src.vm, src.memory, &mut dirty)?;
+        dirty.clear();
+    }
 
     let mut report = |phase, done| progress(Progress { phase, bytes_done: done, bytes_total: total_bytes });
     // Round 0: everything, or what differs from the parent.
@@ -209,7 +227,7 @@ pub fn create(
     };
     let mut written = memory::write_pages(src.memory, &file, &layer, true, &mut |b| report("copying memory", b))?;
     let mut rounds = 1u32;
-    loop {
+    while logging {
         memory::take_dirty(src.vm, src.memory, &mut dirty)?;
         if dirty.count() < FEW_PAGES || rounds as usize >= MAX_ROUNDS {
             break;
@@ -225,8 +243,10 @@ pub fn create(
     let pause_start = Instant::now();
     let (was_paused, _) = src.control.pause();
     let captured = (|| {
-        let mut _devices = src.devices.lock_all();
-        memory::take_dirty(src.vm, src.memory, &mut dirty)?;
+        let mut _devices = held.take().unwrap_or_else(|| src.devices.lock_all());
+        if logging {
+            memory::take_dirty(src.vm, src.memory, &mut dirty)?;
+        }
         let last = dirty.count();
         let s = memory::write_pages(src.memory, &file, &dirty, false, &mut |_| {})?;
         layer.union(&dirty);
@@ -268,6 +288,10 @@ pub fn create(
         src.control.resume();
     }
     let pause = pause_start.elapsed();
+    if frozen && !was_paused {
+        // Resumed by someone while its memory was copied without a log.
+        return Err(SnapshotError::WrongState("the VM was resumed during the snapshot of it paused: take it again".into()));
+    }
     let (vcpus, vm, devices, config, last_bytes, last_pages) = captured?;
     written.bytes_written += last_bytes;
     drop(_off);
