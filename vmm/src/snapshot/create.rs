@@ -227,16 +227,19 @@ pub fn create(
     };
     let mut written = memory::write_pages(src.memory, &file, &layer, true, &mut |b| report("copying memory", b))?;
     let mut rounds = 1u32;
-    while logging {
-        memory::take_dirty(src.vm, src.memory, &mut dirty)?;
-        if dirty.count() < FEW_PAGES || rounds as usize >= MAX_ROUNDS {
-            break;
+    // Pre-copy rounds only while the guest runs (not for a frozen VM).
+    if logging {
+        loop {
+            memory::take_dirty(src.vm, src.memory, &mut dirty)?;
+            if dirty.count() < FEW_PAGES || rounds as usize >= MAX_ROUNDS {
+                break;
+            }
+            let s = memory::write_pages(src.memory, &file, &dirty, false, &mut |b| report("copying dirtied pages", b))?;
+            written.bytes_written += s.bytes_written;
+            layer.union(&dirty);
+            dirty.clear();
+            rounds += 1;
         }
-        let s = memory::write_pages(src.memory, &file, &dirty, false, &mut |b| report("copying dirtied pages", b))?;
-        written.bytes_written += s.bytes_written;
-        layer.union(&dirty);
-        dirty.clear();
-        rounds += 1;
     }
 
     // The pause.
