@@ -1,14 +1,18 @@
-//! Live patching of running guest processes from outside the VM: the
-//! demo service switches from v1 to v2 with the same pid, a counter that
-//! keeps counting and clients served throughout; bad patches are refused
-//! before anything in the process changes; the free map keeps the patch
-//! memory flat over apply/revert cycles; replaced function bodies hold
-//! later patches; revert brings v1 back; and
-//! safe mode waits for a thread to leave the function being replaced.
+//! Live patching of running guest processes from outside the VM, one
+//! named test per property on a guest they share (each starts and ends
+//! with no patch applied): bad patches are refused before anything in the
+//! process changes; the demo service switches from v1 to v2 with the same
+//! pid, a counter that keeps counting and clients served throughout;
+//! revert brings v1 back byte for byte; the free map keeps the patch
+//! memory flat over apply/revert cycles; a restarted monitor still knows
+//! the applied patches; a patch calls into the program and into itself;
+//! replaced function bodies hold later patches; and safe mode waits for a
+//! thread to leave the function being replaced.
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use common::{dvisor_json, dvisor_out, heartbeat, Console};
@@ -182,160 +186,256 @@ impl Load {
     }
 }
 
+/// The guest the tests share (2 vCPUs, on the tap, the service at v1),
+/// the work directory for compiled patches, and a monitor a test started
+/// in place of the one `dvisor run` started.
+struct Guest {
+    c: Console,
+    name: String,
+    pid: u32,
+    dir: PathBuf,
+    monitor: Option<Child>,
+}
+
+impl Guest {
+    fn p(&self) -> String {
+        self.pid.to_string()
+    }
+
+    /// Compiles the sample patch `n` (n.c, n.cmd); returns (object, commands).
+    fn sample(&self, n: &str) -> (String, String) {
+        let o = self.dir.join(format!("{n}.o"));
+        compile(&samples().join(format!("{n}.c")), &o);
+        (o.to_str().unwrap().to_string(), samples().join(format!("{n}.cmd")).to_str().unwrap().to_string())
+    }
+
+    fn apply(&self, (obj, cmd): &(String, String)) -> serde_json::Value {
+        dvisor_json(&["patch", "apply", "--vm", &self.name, "--pid", &self.p(), "--object", obj, "--commands", cmd])
+    }
+
+    fn revert(&self, id: &serde_json::Value) {
+        dvisor_json(&["patch", "revert", "--vm", &self.name, &id.to_string()]);
+    }
+
+    fn patches(&self) -> Vec<serde_json::Value> {
+        dvisor_json(&["patch", "list", "--vm", &self.name]).as_array().unwrap().clone()
+    }
+
+    /// The service's patch-target code page, as `dvisor mem` reads it.
+    fn code(&self) -> serde_json::Value {
+        dvisor_json(&["mem", "--vm", &self.name, &self.p(), &targets_page(), "4096"])
+    }
+
+    fn maps(&self) -> Vec<serde_json::Value> {
+        dvisor_json(&["maps", "--vm", &self.name, &self.p()]).as_array().unwrap().clone()
+    }
+}
+
+static GUEST: Mutex<Option<Guest>> = Mutex::new(None);
+
+/// The shared guest, running and unpatched: a test that failed half-way
+/// may have left it paused or with patches applied (reverted here, newest
+/// first).
+fn guest() -> std::sync::MutexGuard<'static, Option<Guest>> {
+    let mut g = common::shared(&GUEST, |g| g.c.running(), || {
+        common::own_netns_with_tap(common::TAP, common::HOST_IP);
+        let name = format!("pt{}", std::process::id());
+        let cmdline = format!("console=ttyS0 quiet dvisor.ip={}/24", common::GUEST_IP);
+        let c = boot(&name, &["--net", &format!("tap={}", common::TAP), "--cmdline", &cmdline]);
+        let pid = service_pid(&c);
+        let dir = std::env::temp_dir().join(format!("dvisor-patch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Guest { c, name, pid, dir, monitor: None }
+    });
+    let guest = g.as_mut().unwrap();
+    if dvisor_json(&["status", "--vm", &guest.name])["vm"]["state"] == "paused" {
+        dvisor_json(&["resume", "--vm", &guest.name]);
+    }
+    let mut left = guest.patches();
+    left.sort_by_key(|p| std::cmp::Reverse(p["id"].as_u64()));
+    for p in left {
+        guest.revert(&p["id"]);
+    }
+    g
+}
+
 #[test]
-fn live_patch_the_running_service() {
-    if common::rerun_in_carrier("live_patch_the_running_service") {
-        return;
-    }
-    let dir = std::env::temp_dir().join(format!("dvisor-patch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let v2 = dir.join("v2.o");
-    compile(&samples().join("v2.c"), &v2);
-    let v2_cmd = samples().join("v2.cmd");
-
-    common::own_netns_with_tap(common::TAP, common::HOST_IP);
-    let name = format!("pt{}", std::process::id());
-    let cmdline = format!("console=ttyS0 quiet dvisor.ip={}/24", common::GUEST_IP);
-    let mut c = boot(&name, &["--net", &format!("tap={}", common::TAP), "--cmdline", &cmdline]);
-    let pid = service_pid(&c);
-    let p = pid.to_string();
-    let page = targets_page();
-    let code = || dvisor_json(&["mem", "--vm", &name, &p, &page, "4096"]);
-    let code_before = code();
-    let maps_before = dvisor_json(&["maps", "--vm", &name, &p]).as_array().unwrap().len();
-
-    // --- bad inputs: refused, nothing in the process changes
-    let garbage = dir.join("garbage.o");
-    std::fs::write(&garbage, b"\x7fELF this is not a patch").unwrap();
-    let unknown = dir.join("unknown.cmd");
-    std::fs::write(&unknown, "J no_such_function patched_get_message\n").unwrap();
-    let malformed = dir.join("malformed.cmd");
-    std::fs::write(&malformed, "# ok\nX get_message patched_get_message\n").unwrap();
-    for (obj, cmd, expect) in [
-        (&garbage, &v2_cmd, "garbage.o"),
-        (&v2, &unknown, "no_such_function"),
-        (&v2, &malformed, "malformed.cmd:2"),
-    ] {
-        let (ok, _, err) = dvisor_out(&[
-            "patch", "apply", "--vm", &name, "--pid", &p,
-            "--object", obj.to_str().unwrap(), "--commands", cmd.to_str().unwrap(),
-        ]);
-        assert!(!ok, "a bad patch was accepted ({expect})");
-        assert!(err.contains(expect), "error for {expect} should name it:\n{err}");
-    }
-    // A VM the operator paused stays paused and untouched.
-    assert!(dvisor_out(&["pause", "--vm", &name]).0);
-    let (ok, _, err) = dvisor_out(&[
-        "patch", "apply", "--vm", &name, "--pid", &p,
-        "--object", v2.to_str().unwrap(), "--commands", v2_cmd.to_str().unwrap(),
-    ]);
-    assert!(!ok && err.contains("the VM is paused"), "a patch went into a paused VM: {err}");
-    assert_eq!(dvisor_json(&["status", "--vm", &name])["vm"]["state"], "paused");
-    assert!(dvisor_out(&["resume", "--vm", &name]).0);
-    assert!(code() == code_before, "refused patches changed the service's code");
-    assert_eq!(dvisor_json(&["maps", "--vm", &name, &p]).as_array().unwrap().len(), maps_before);
-
-    // --- v1 -> v2, same process, state kept, clients served throughout,
-    // and the program file in the guest untouched (the patched code pages
-    // are the process's own copies, not the file's page cache)
-    let sum_before = guest_md5(&mut c, "/usr/bin/demo-service");
-    let load = Load::start();
-    let (before, msg) = last_beat(&c);
-    assert_eq!(msg, "v1");
-    let mark = c.line_count();
-    let applied = dvisor_json(&[
-        "patch", "apply", "--vm", &name, "--comm", "demo-service",
-        "--object", v2.to_str().unwrap(), "--commands", v2_cmd.to_str().unwrap(),
-    ]);
-    eprintln!("apply timing: {}", applied["timing"]);
-    assert_eq!(applied["pid"].as_u64(), Some(u64::from(pid)));
-    let first_v2 = c.wait_for(mark, "a v2 heartbeat", |l| heartbeat(l).is_some_and(|(_, m)| m == "v2"));
-    c.wait_for(first_v2 + 1, "more v2 heartbeats", |l| heartbeat(l).is_some_and(|(_, m)| m == "v2"));
-    let seq: Vec<(u64, String)> = c.lines().iter().filter_map(|l| heartbeat(l)).filter(|(n, _)| *n >= before).collect();
-    assert!(seq.windows(2).all(|w| w[1].0 == w[0].0 + 1), "the counter skipped or restarted: {seq:?}");
-    let procs = dvisor_json(&["ps", "--vm", &name]);
-    assert!(
-        procs.as_array().unwrap().iter().any(|q| q["pid"].as_u64() == Some(u64::from(pid)) && q["comm"] == "demo-service"),
-        "the service is not the same process any more"
-    );
-    let list = dvisor_json(&["patch", "list", "--vm", &name]);
-    assert_eq!(list.as_array().unwrap().len(), 1);
-    assert_eq!(list[0]["sites"][0]["target"], "get_message");
-    // The load ran from before the apply until the service beat v2 twice.
-    let (served, failed) = load.stop();
-    eprintln!("requests around the v2 apply: {served} answered, {} failed", failed.len());
-    assert!(failed.is_empty(), "requests failed while patching: {failed:?}");
-    assert!(served >= 5, "the load barely ran ({served} requests)");
-    assert_eq!(guest_md5(&mut c, "/usr/bin/demo-service"), sum_before, "patching the process changed the program file");
-
-    // --- the free map: a second patch applied and reverted many times
-    // reuses the space; the mapped patch memory never grows
-    let fix = dir.join("fix.o");
-    compile(&samples().join("fix.c"), &fix);
-    let fix_cmd = samples().join("fix.cmd");
-    let patch_space = || -> u64 {
-        dvisor_json(&["maps", "--vm", &name, &p])
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|v| v["perms"] == "rwxp" && v["name"] == "")
-            .map(|v| v["end"].as_u64().unwrap() - v["start"].as_u64().unwrap())
-            .sum()
-    };
-    let after_first = patch_space();
-    assert!(after_first > 0, "no patch area mapped");
-    let cycles_started = Instant::now();
-    let n = cycles();
-    for i in 0..n {
-        let b = dvisor_json(&[
-            "patch", "apply", "--vm", &name, "--pid", &p,
-            "--object", fix.to_str().unwrap(), "--commands", fix_cmd.to_str().unwrap(),
-        ]);
-        let bid = b["id"].as_u64().unwrap().to_string();
-        dvisor_json(&["patch", "revert", "--vm", &name, &bid]);
-        if i % 10 == 0 {
-            assert_eq!(patch_space(), after_first, "patch memory grew in cycle {i}");
+fn bad_patches_are_refused_and_change_nothing() {
+    common::in_suite("bad_patches_are_refused_and_change_nothing", guest, |g| {
+        let (name, p, dir) = (&g.name, g.p(), &g.dir);
+        let code_before = g.code();
+        let maps_before = g.maps().len();
+        let (v2, v2_cmd) = g.sample("v2");
+        let garbage = dir.join("garbage.o");
+        std::fs::write(&garbage, b"\x7fELF this is not a patch").unwrap();
+        let unknown = dir.join("unknown.cmd");
+        std::fs::write(&unknown, "J no_such_function patched_get_message\n").unwrap();
+        let malformed = dir.join("malformed.cmd");
+        std::fs::write(&malformed, "# ok\nX get_message patched_get_message\n").unwrap();
+        let (garbage, unknown, malformed) =
+            (garbage.to_str().unwrap(), unknown.to_str().unwrap(), malformed.to_str().unwrap());
+        for (obj, cmd, expect) in
+            [(garbage, v2_cmd.as_str(), "garbage.o"), (&v2, unknown, "no_such_function"), (&v2, malformed, "malformed.cmd:2")]
+        {
+            let (ok, _, err) = dvisor_out(&["patch", "apply", "--vm", name, "--pid", &p, "--object", obj, "--commands", cmd]);
+            assert!(!ok, "a bad patch was accepted ({expect})");
+            assert!(err.contains(expect), "error for {expect} should name it:\n{err}");
         }
+        // A VM the operator paused stays paused and untouched.
+        assert!(dvisor_out(&["pause", "--vm", name]).0);
+        let (ok, _, err) = dvisor_out(&["patch", "apply", "--vm", name, "--pid", &p, "--object", &v2, "--commands", &v2_cmd]);
+        assert!(!ok && err.contains("the VM is paused"), "a patch went into a paused VM: {err}");
+        assert_eq!(dvisor_json(&["status", "--vm", name])["vm"]["state"], "paused");
+        assert!(dvisor_out(&["resume", "--vm", name]).0);
+        assert!(g.code() == code_before, "refused patches changed the service's code");
+        assert_eq!(g.maps().len(), maps_before);
+        assert!(g.patches().is_empty());
+    });
+}
+
+/// v1 -> v2, same process, state kept, clients served throughout, and the
+/// program file in the guest untouched (the patched code pages are the
+/// process's own copies, not the file's page cache).
+#[test]
+fn v1_to_v2_keeps_pid_counter_and_clients() {
+    common::in_suite("v1_to_v2_keeps_pid_counter_and_clients", guest, |g| {
+        let v2 = g.sample("v2");
+        let sum_before = guest_md5(&mut g.c, "/usr/bin/demo-service");
+        let load = Load::start();
+        let c = &g.c;
+        let (before, msg) = last_beat(c);
+        assert_eq!(msg, "v1");
+        let mark = c.line_count();
+        let applied = dvisor_json(&[
+            "patch", "apply", "--vm", &g.name, "--comm", "demo-service", "--object", &v2.0, "--commands", &v2.1,
+        ]);
+        eprintln!("apply timing: {}", applied["timing"]);
+        assert_eq!(applied["pid"].as_u64(), Some(u64::from(g.pid)));
+        let first_v2 = c.wait_for(mark, "a v2 heartbeat", |l| heartbeat(l).is_some_and(|(_, m)| m == "v2"));
+        c.wait_for(first_v2 + 1, "more v2 heartbeats", |l| heartbeat(l).is_some_and(|(_, m)| m == "v2"));
+        let seq: Vec<(u64, String)> = c.lines().iter().filter_map(|l| heartbeat(l)).filter(|(n, _)| *n >= before).collect();
+        assert!(seq.windows(2).all(|w| w[1].0 == w[0].0 + 1), "the counter skipped or restarted: {seq:?}");
+        let procs = dvisor_json(&["ps", "--vm", &g.name]);
+        assert!(
+            procs.as_array().unwrap().iter().any(|q| q["pid"].as_u64() == Some(u64::from(g.pid)) && q["comm"] == "demo-service"),
+            "the service is not the same process any more"
+        );
+        let list = g.patches();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0]["sites"][0]["target"], "get_message");
+        // The load ran from before the apply until the service beat v2 twice.
+        let (served, failed) = load.stop();
+        eprintln!("requests around the v2 apply: {served} answered, {} failed", failed.len());
+        assert!(failed.is_empty(), "requests failed while patching: {failed:?}");
+        assert!(served >= 5, "the load barely ran ({served} requests)");
+        assert_eq!(guest_md5(&mut g.c, "/usr/bin/demo-service"), sum_before, "patching the process changed the program file");
+        g.revert(&applied["id"]);
+    });
+}
+
+#[test]
+fn revert_brings_v1_back_byte_for_byte() {
+    common::in_suite("revert_brings_v1_back_byte_for_byte", guest, |g| {
+        let code_before = g.code();
+        let maps_before = g.maps().len();
+        let applied = g.apply(&g.sample("v2"));
+        let mark = g.c.line_count();
+        g.c.wait_for(mark, "a v2 heartbeat", |l| heartbeat(l).is_some_and(|(_, m)| m == "v2"));
+        assert!(g.code() != code_before, "v2 changed nothing in the service's code");
+        g.revert(&applied["id"]);
+        let mark = g.c.line_count();
+        g.c.wait_for(mark, "a v1 heartbeat after revert", |l| heartbeat(l).is_some_and(|(_, m)| m == "v1"));
+        assert!(g.code() == code_before, "revert left the service's code changed");
+        assert_eq!(g.maps().len(), maps_before, "patch space not freed");
+        assert!(g.patches().is_empty());
+    });
+}
+
+/// A second patch applied and reverted many times (v2 in place) reuses
+/// the space: the mapped patch memory never grows.
+#[test]
+fn free_map_keeps_patch_memory_flat() {
+    common::in_suite("free_map_keeps_patch_memory_flat", guest, |g| {
+        let v2 = g.apply(&g.sample("v2"));
+        let fix = g.sample("fix");
+        let patch_space = || -> u64 {
+            g.maps()
+                .iter()
+                .filter(|v| v["perms"] == "rwxp" && v["name"] == "")
+                .map(|v| v["end"].as_u64().unwrap() - v["start"].as_u64().unwrap())
+                .sum()
+        };
+        let after_first = patch_space();
+        assert!(after_first > 0, "no patch area mapped");
+        let cycles_started = Instant::now();
+        let n = cycles();
+        for i in 0..n {
+            let b = g.apply(&fix);
+            g.revert(&b["id"]);
+            if i % 10 == 0 {
+                assert_eq!(patch_space(), after_first, "patch memory grew in cycle {i}");
+            }
+        }
+        assert_eq!(patch_space(), after_first, "patch memory grew over {n} cycles");
+        eprintln!("{n} apply/revert cycles in {:.1} s", cycles_started.elapsed().as_secs_f64());
+        g.revert(&v2["id"]);
+    });
+}
+
+#[test]
+fn restarted_monitor_knows_the_applied_patches() {
+    common::in_suite("restarted_monitor_knows_the_applied_patches", guest, |g| {
+        let applied = g.apply(&g.sample("v2"));
+        let old = dvisor_json(&["status", "--vm", &g.name])["monitor_pid"].as_u64().unwrap();
+        let st = Command::new("kill").args(["-KILL", &old.to_string()]).status().unwrap();
+        assert!(st.success());
+        let monitor = common::dvisor()
+            .args(["monitor", "--vm", &g.name])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        g.monitor = Some(monitor);
+        let deadline = Instant::now() + common::STEP_TIMEOUT;
+        while !dvisor_out(&["status", "--vm", &g.name]).0 {
+            assert!(Instant::now() < deadline, "the new monitor never answered");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let list = g.patches();
+        assert_eq!(list.len(), 1, "a restarted monitor lost the patch list: {list:?}");
+        assert_eq!(list[0]["id"], applied["id"]);
+        g.revert(&applied["id"]);
+        let mark = g.c.line_count();
+        g.c.wait_for(mark, "a v1 heartbeat after revert", |l| heartbeat(l).is_some_and(|(_, m)| m == "v1"));
+    });
+}
+
+#[test]
+fn a_patch_calls_into_the_program_and_itself() {
+    common::in_suite("a_patch_calls_into_the_program_and_itself", guest, |g| {
+        calls_into_the_program_and_itself(&g.c, &g.name, &g.p(), &g.dir);
+    });
+}
+
+#[test]
+fn replaced_bodies_hold_later_patches() {
+    common::in_suite("replaced_bodies_hold_later_patches", guest, |g| {
+        replaced_bodies_are_reused(&g.name, &g.p(), &g.dir);
+    });
+}
+
+/// Last in name order (libtest runs them so, one at a time): it ends the
+/// shared guest, and a monitor a test restarted leaves with the VMM.
+#[test]
+fn vmm_power_off_takes_the_monitor_along() {
+    let Some(mut g) = common::last_in_suite("vmm_power_off_takes_the_monitor_along", guest) else { return };
+    g.c.type_line("poweroff -f");
+    assert!(g.c.wait_exit().success(), "{}", g.c.stderr());
+    if let Some(mut m) = g.monitor.take() {
+        assert!(m.wait().unwrap().success(), "the restarted monitor failed");
     }
-    assert_eq!(patch_space(), after_first, "patch memory grew over {n} cycles");
-    eprintln!("{n} apply/revert cycles in {:.1} s", cycles_started.elapsed().as_secs_f64());
-
-    // --- the monitor restarts: it still knows the applied patch
-    let old = dvisor_json(&["status", "--vm", &name])["monitor_pid"].as_u64().unwrap();
-    let st = Command::new("kill").args(["-KILL", &old.to_string()]).status().unwrap();
-    assert!(st.success());
-    let mut monitor = common::dvisor()
-        .args(["monitor", "--vm", &name])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + common::STEP_TIMEOUT;
-    while !dvisor_out(&["status", "--vm", &name]).0 {
-        assert!(Instant::now() < deadline, "the new monitor never answered");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    let list = dvisor_json(&["patch", "list", "--vm", &name]);
-    assert_eq!(list.as_array().unwrap().len(), 1, "a restarted monitor lost the patch list: {list}");
-
-    // --- revert: v1 again, code and space as before
-    let id = applied["id"].as_u64().unwrap().to_string();
-    dvisor_json(&["patch", "revert", "--vm", &name, &id]);
-    let mark = c.line_count();
-    c.wait_for(mark, "a v1 heartbeat after revert", |l| heartbeat(l).is_some_and(|(_, m)| m == "v1"));
-    assert!(code() == code_before, "revert left the service's code changed");
-    assert_eq!(dvisor_json(&["maps", "--vm", &name, &p]).as_array().unwrap().len(), maps_before, "patch space not freed");
-    assert!(dvisor_json(&["patch", "list", "--vm", &name]).as_array().unwrap().is_empty());
-
-    calls_into_the_program_and_itself(&c, &name, &p, &dir);
-    replaced_bodies_are_reused(&name, &p, &dir);
-
-    c.type_line("poweroff -f");
-    assert!(c.wait_exit().success(), "{}", c.stderr());
-    // The restarted monitor leaves with the VMM.
-    assert!(monitor.wait().unwrap().success());
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&g.dir).unwrap();
 }
 
 /// spin-demo (a static-pie program in the image) holds its thread inside
@@ -345,7 +445,7 @@ fn live_patch_the_running_service() {
 /// patch resolves against the PIE's load base seen in the guest.
 #[test]
 fn safe_mode_waits_for_threads_to_leave() {
-    if common::rerun_in_carrier("safe_mode_waits_for_threads_to_leave") {
+    if common::suite_in_carrier("safe_mode_waits_for_threads_to_leave") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("dvisor-spin-{}", std::process::id()));
@@ -360,8 +460,9 @@ fn safe_mode_waits_for_threads_to_leave() {
     let spin2 = patch("spin2", "const char *patched_spin_here(void) { return \"spin v2\"; }\n", "J spin_here patched_spin_here\n");
     let wait2 = patch("wait2", "void patched_wait_here(void) { }\n", "J wait_here patched_wait_here\n");
 
-    let name = format!("sp{}", std::process::id());
-    let mut c = boot(&name, &[]);
+    let mut g = guest();
+    let g = g.as_mut().unwrap();
+    let (c, name) = (&mut g.c, g.name.clone());
     // The monitor finds the kernel (first VMI request) before anything spins.
     assert!(!dvisor_json(&["ps", "--vm", &name]).as_array().unwrap().iter().any(|p| p["comm"] == "spin-demo"));
     let mark = c.line_count();
@@ -404,7 +505,12 @@ fn safe_mode_waits_for_threads_to_leave() {
     assert!(ok, "wait_here, left by its thread, was refused: {err}");
     assert_eq!(dvisor_json(&["patch", "list", "--vm", &name]).as_array().unwrap().len(), 2);
 
-    c.type_line("poweroff -f");
-    assert!(c.wait_exit().success(), "{}", c.stderr());
+    // Both reverted (newest first) while spin-demo lives, then it ends.
+    let mut list = dvisor_json(&["patch", "list", "--vm", &name]).as_array().unwrap().clone();
+    list.sort_by_key(|p| std::cmp::Reverse(p["id"].as_u64()));
+    for p in list {
+        dvisor_json(&["patch", "revert", "--vm", &name, &p["id"].to_string()]);
+    }
+    c.type_line(&format!("kill -TERM {pid}"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
