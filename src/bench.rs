@@ -154,7 +154,9 @@ fn dvisor_cmd(args: &BootBenchArgs, image: &dvisor_images::GuestImage) -> Comman
         .arg(&image.kernel)
         .arg("--initrd")
         .arg(&image.initrd)
-        .arg("--on-reboot=exit");
+        .arg("--on-reboot=exit")
+        .arg("--cmdline")
+        .arg(dvisor_images::fast_beat_cmdline());
     c
 }
 
@@ -171,7 +173,7 @@ fn qemu_cmd(qemu: &Path, args: &BootBenchArgs, image: &dvisor_images::GuestImage
         .arg("-initrd")
         .arg(&image.initrd)
         .arg("-append")
-        .arg(dvisor_vmm::DEFAULT_CMDLINE);
+        .arg(dvisor_images::fast_beat_cmdline());
     c
 }
 

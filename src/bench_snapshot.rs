@@ -342,7 +342,9 @@ impl Bench<'_> {
             .arg("--kernel")
             .arg(&self.image.kernel)
             .arg("--initrd")
-            .arg(&self.image.initrd);
+            .arg(&self.image.initrd)
+            .arg("--cmdline")
+            .arg(dvisor_images::fast_beat_cmdline());
         if !monitor {
             c.arg("--no-monitor");
         }
@@ -568,7 +570,7 @@ impl Bench<'_> {
             .arg("-initrd")
             .arg(&self.image.initrd)
             .arg("-append")
-            .arg(dvisor_vmm::DEFAULT_CMDLINE);
+            .arg(dvisor_images::fast_beat_cmdline());
         c
     }
 

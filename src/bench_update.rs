@@ -23,7 +23,7 @@ use serde::Serialize;
 const PAPER_CUT: &str = "91-98%";
 const TAP: &str = "dvbench0";
 const HOST_IP: &str = "10.0.2.1/24";
-const GUEST_IP: &str = "10.0.2.15";
+pub(crate) const GUEST_IP: &str = "10.0.2.15";
 
 #[derive(Debug, Args)]
 pub struct UpdateBenchArgs {
@@ -45,17 +45,17 @@ pub struct UpdateBenchArgs {
 }
 
 #[derive(Debug, Serialize)]
-struct Method {
+pub(crate) struct Method {
     mem_mib: u64,
-    method: String,
+    pub(crate) method: String,
     /// Longest time between two answered requests.
-    gap_ms: f64,
+    pub(crate) gap_ms: f64,
     /// When the longest gap began, from the method's start.
     gap_at_ms: f64,
     answers: usize,
     failed_requests: usize,
     /// The update's own report (switch time etc.), for updates.
-    report: Option<serde_json::Value>,
+    pub(crate) report: Option<serde_json::Value>,
     /// Answer times from the method's start, for the plot.
     #[serde(skip)]
     times: Vec<f64>,
@@ -63,14 +63,14 @@ struct Method {
 }
 
 /// Answered-request times, from a client asking every 10 ms.
-struct Client {
+pub(crate) struct Client {
     stop: Arc<AtomicBool>,
     log: Arc<Mutex<(Vec<Instant>, usize)>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Client {
-    fn start() -> Client {
+    pub(crate) fn start() -> Client {
         let stop = Arc::new(AtomicBool::new(false));
         let log: Arc<Mutex<(Vec<Instant>, usize)>> = Arc::default();
         let thread = {
@@ -100,7 +100,7 @@ impl Client {
         (l.0.iter().copied().filter(|a| *a >= t).collect(), failed)
     }
 
-    fn answered_after(&self, t: Instant) -> bool {
+    pub(crate) fn answered_after(&self, t: Instant) -> bool {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).0.last().is_some_and(|a| *a > t)
     }
 }
@@ -131,7 +131,8 @@ fn sh(cmd: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn json(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+/// `dvisor ARGS --json`, parsed; an error carries the command's stderr.
+pub(crate) fn json(args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let out = Command::new(std::env::current_exe()?).args(args).arg("--json").output()?;
     if !out.status.success() {
         bail!("dvisor {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
@@ -140,11 +141,13 @@ fn json(args: &[&str]) -> anyhow::Result<serde_json::Value> {
 }
 
 /// Measures `action` as the client sees it: from just before it until the
-/// service has answered for a second after it.
-fn measure(
+/// service has answered for a second after it; `log` gets what happened
+/// when.
+pub(crate) fn measure(
     client: &Client,
     mem_mib: u64,
     method: &str,
+    log: &dyn Fn(&str),
     action: impl FnOnce() -> anyhow::Result<Option<serde_json::Value>>,
 ) -> anyhow::Result<Method> {
     let start = Instant::now();
@@ -168,14 +171,14 @@ fn measure(
     gaps.sort_by_key(|g| std::cmp::Reverse(g.0));
     let (gap, gap_at) = gaps.first().copied().unwrap_or_default();
     let top: Vec<String> = gaps.iter().take(4).map(|(g, at)| format!("{:.0} ms at {:.1} s", g.as_secs_f64() * 1e3, at.as_secs_f64())).collect();
-    progress(&format!("{method}: longest gaps {}; the action took {:.1} s from {:.1} s", top.join(", "), (done - start).as_secs_f64() - 0.5, 0.5));
+    log(&format!("{method}: longest gaps {}; the action took {:.1} s from {:.1} s", top.join(", "), (done - start).as_secs_f64() - 0.5, 0.5));
     if let Some(r) = &report {
         // Where each phase ended, on the same clock (the command's own
         // start and exit are not counted: a few ms).
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0) / 1e3;
         let ready = 0.5 + f("shadow_start_ms") + f("boot_to_ready_ms");
         let snap = ready + f("snapshot_ms");
-        progress(&format!(
+        log(&format!(
             "{method}: shadow ready at {ready:.1} s, its snapshot and stop done at {snap:.1} s, switch request {:.1}-{:.1} s (pause {:.0} ms)",
             0.5 + f("total_ms") - f("switch_call_ms"),
             0.5 + f("total_ms"),
@@ -195,64 +198,91 @@ fn measure(
     })
 }
 
+/// A network namespace of this process's own with a tap for the guest
+/// (`--net tap=` [`guest_net`]): the tap and its address vanish with the
+/// process. Call while single-threaded; needs root.
+pub(crate) fn own_network() -> anyhow::Result<()> {
+    // SAFETY: unshare affects this process (single-threaded here).
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        bail!("unshare(CLONE_NEWNET): {} (a tap device for the guest needs root)", std::io::Error::last_os_error());
+    }
+    sh(&format!("ip link set lo up && ip tuntap add dev {TAP} mode tap && ip addr add {HOST_IP} dev {TAP} && ip link set {TAP} up"))
+}
+
+/// The `--net` and `--cmdline` arguments for a guest on [`own_network`]'s
+/// tap at [`GUEST_IP`], with `cmdline` as the rest of its command line.
+pub(crate) fn guest_net(cmdline: &str) -> [String; 4] {
+    ["--net".into(), format!("tap={TAP}"), "--cmdline".into(), format!("{cmdline} dvisor.ip={GUEST_IP}/24")]
+}
+
+/// Waits until VM `name`'s monitor answers `dvisor status`.
+pub(crate) fn wait_monitor(name: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while json(&["status", "--vm", name]).is_err() {
+        if Instant::now() > deadline {
+            bail!("the monitor of {name} never answered");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// Waits until VM `name`'s monitor answers and then the demo service
+/// answers `client`.
+pub(crate) fn wait_service(name: &str, client: &Client) -> anyhow::Result<()> {
+    wait_monitor(name)?;
+    let up = Instant::now();
+    while !client.answered_after(up) {
+        if up.elapsed() > Duration::from_secs(120) {
+            bail!("the demo service never answered on {GUEST_IP}:8080");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// `dvisor update --vm NAME --json`. Inside the carrier, whose nested KVM
+/// now and then triple-faults a guest at boot (docs/carrier.md), a shadow
+/// that died so is started again (the VM was never touched), at most
+/// twice; `log` says so.
+pub(crate) fn update_retrying(name: &str, log: &dyn Fn(&str)) -> anyhow::Result<serde_json::Value> {
+    let mut tries = 0;
+    loop {
+        match json(&["update", "--vm", name]) {
+            Err(e) if tries < 2 && dvisor_images::carrier::in_carrier() && e.to_string().contains("triple fault") => {
+                tries += 1;
+                log(&format!("the shadow triple-faulted inside the carrier; update again ({tries} of 2)"));
+            }
+            r => return r,
+        }
+    }
+}
+
 pub fn update(args: UpdateBenchArgs) -> anyhow::Result<i32> {
     if let Some(code) = crate::bench::in_carrier_if_needed(args.here, 3072)? {
         return Ok(code);
     }
-    // A network of our own: the tap and its address vanish with it.
-    // SAFETY: unshare affects this process (single-threaded here).
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        bail!("unshare(CLONE_NEWNET): {} (the benchmark needs root for its tap device)", std::io::Error::last_os_error());
-    }
-    sh(&format!("ip link set lo up && ip tuntap add dev {TAP} mode tap && ip addr add {HOST_IP} dev {TAP} && ip link set {TAP} up"))?;
+    own_network()?;
     let mut results = Vec::new();
     for &mem in &args.mem {
         let name = format!("benchupd{}-{mem}", std::process::id());
-        let cmdline = format!("console=ttyS0 quiet dvisor.ip={GUEST_IP}/24");
-        let mut vm = crate::bench_vm::Vm::boot_with(
-            &name,
-            &[
-                "--vcpus", &args.vcpus.to_string(), "--mem", &mem.to_string(),
-                "--net", &format!("tap={TAP}"), "--cmdline", &cmdline,
-            ],
-        )?;
+        let net = guest_net(&dvisor_images::fast_beat_cmdline());
+        let (vcpus, mem_s) = (args.vcpus.to_string(), mem.to_string());
+        let mut extra = vec!["--vcpus", &vcpus, "--mem", &mem_s];
+        extra.extend(net.iter().map(String::as_str));
+        let mut vm = crate::bench_vm::Vm::boot_with(&name, &extra)?;
         let r = (|| -> anyhow::Result<()> {
-            let deadline = Instant::now() + Duration::from_secs(300);
-            while json(&["status", "--vm", &name]).is_err() {
-                if Instant::now() > deadline {
-                    bail!("the monitor never answered");
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
             let client = Client::start();
-            let up = Instant::now();
-            while !client.answered_after(up) {
-                if up.elapsed() > Duration::from_secs(120) {
-                    bail!("the demo service never answered on {GUEST_IP}:8080");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_service(&name, &client)?;
             progress(&format!("{mem} MiB: rejuvenation (dvisor update)"));
-            results.push(measure(&client, mem, "update (rejuvenation)", || {
-                // The carrier's nested KVM now and then triple-faults a guest
-                // at boot (docs/carrier.md); a shadow that died so is
-                // started again (the VM was never touched), at most twice.
-                let mut tries = 0;
-                loop {
-                    match json(&["update", "--vm", &name]) {
-                        Err(e) if tries < 2 && dvisor_images::carrier::in_carrier() && e.to_string().contains("triple fault") => {
-                            tries += 1;
-                            progress(&format!("the shadow triple-faulted inside the carrier; update again ({tries} of 2)"));
-                        }
-                        r => return Ok(Some(r?)),
-                    }
-                }
+            results.push(measure(&client, mem, "update (rejuvenation)", &progress, || {
+                Ok(Some(update_retrying(&name, &progress)?))
             })?);
             progress(&format!("{mem} MiB: plain reboot"));
             // The shell is the new guest's now: wait for its prompt.
             vm.type_line("")?;
             vm.wait_line(|l| l.contains("guest# "))?;
-            results.push(measure(&client, mem, "plain reboot", || {
+            results.push(measure(&client, mem, "plain reboot", &progress, || {
                 vm.type_line("reboot -f")?;
                 // Done once the new boot's init runs (the old guest may
                 // answer for a moment after the command).
@@ -304,7 +334,7 @@ fn print_results(args: &UpdateBenchArgs, results: &[Method]) -> anyhow::Result<(
 }
 
 /// One row per method: a tick at each answered request, so gaps show.
-fn write_plot(path: &std::path::Path, results: &[Method]) -> std::io::Result<()> {
+pub(crate) fn write_plot(path: &std::path::Path, results: &[Method]) -> std::io::Result<()> {
     let span = results.iter().map(|r| r.span_ms).fold(1.0, f64::max);
     let (left, width, row) = (260.0, 900.0, 40.0);
     let height = 60.0 + row * results.len() as f64;

@@ -2,7 +2,9 @@
 //! console lines on a channel and its shell on stdin.
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::collections::VecDeque;
 use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -14,7 +16,12 @@ pub struct Vm {
     child: Child,
     stdin: ChildStdin,
     lines: Receiver<String>,
+    /// The console's last lines, for a report when something fails.
+    tail: Arc<Mutex<VecDeque<String>>>,
 }
+
+/// How many console lines [`Vm::tail`] keeps.
+const TAIL: usize = 40;
 
 impl Vm {
     /// Boots the default guest (no monitor) and waits for its shell prompt.
@@ -30,26 +37,41 @@ impl Vm {
     /// `dvisor run --name NAME EXTRA...` (with its monitor unless EXTRA
     /// says --no-monitor), up to the shell prompt.
     pub fn boot_with(name: &str, extra: &[&str]) -> anyhow::Result<Vm> {
+        let mut args = vec!["run", "--name", name];
+        args.extend_from_slice(extra);
+        let mut vm = Self::start(&args)?;
+        vm.wait_line(|l| l.contains("guest# "))?;
+        Ok(vm)
+    }
+
+    /// `dvisor ARGS` as a child whose stdout is a VM's console (`run`,
+    /// `clone`); returns at once.
+    pub fn start(args: &[&str]) -> anyhow::Result<Vm> {
         let mut child = Command::new(std::env::current_exe()?)
-            .args(["run", "--name", name])
-            .args(extra)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("starting dvisor run")?;
+            .with_context(|| format!("starting dvisor {}", args.first().unwrap_or(&"")))?;
         let out = child.stdout.take().context("no stdout")?;
         let stdin = child.stdin.take().context("no stdin")?;
         let (tx, lines) = mpsc::channel();
+        let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
         // Always drain the console so the guest never blocks on it.
+        let kept = tail.clone();
         std::thread::spawn(move || {
             for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let mut t = kept.lock().unwrap_or_else(|p| p.into_inner());
+                if t.len() == TAIL {
+                    t.pop_front();
+                }
+                t.push_back(l.clone());
+                drop(t);
                 let _ = tx.send(l);
             }
         });
-        let mut vm = Vm { child, stdin, lines };
-        vm.wait_line(|l| l.contains("guest# "))?;
-        Ok(vm)
+        Ok(Vm { child, stdin, lines, tail })
     }
 
     /// Waits for a console line matching `pred`; returns it.
@@ -81,15 +103,32 @@ impl Vm {
         Ok(t.elapsed())
     }
 
+    /// The console's last lines (at most 40).
+    pub fn tail(&self) -> Vec<String> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
+
     /// Types a line at the guest's serial shell.
     pub fn type_line(&mut self, line: &str) -> anyhow::Result<()> {
         writeln!(self.stdin, "{line}").context("typing into the guest")?;
         Ok(self.stdin.flush()?)
     }
 
+    /// Ends the child (SIGTERM: the VM stops and its monitor with it) and
+    /// reaps it; a child that already ended is only reaped.
     pub fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
+    }
+}
+
+/// A VM is never left behind, whatever path the caller leaves by.
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -7,6 +7,7 @@ mod bench_update;
 mod bench_vm;
 mod bench_vmi;
 mod clone_cmd;
+mod demo;
 mod disk_cmd;
 mod images;
 mod monitor_cmd;
@@ -82,6 +83,9 @@ enum Cmd {
     /// Update or rejuvenate the guest's kernel and software through a
     /// shadow VM, pausing it only for the switch (ShadowReboot).
     Update(update_cmd::UpdateArgs),
+    /// A guided tour of what dvisor does, on a VM of its own: live patch,
+    /// snapshot and clone, ShadowReboot update (`--list` names the steps).
+    Demo(demo::DemoArgs),
     /// Run one system call inside a guest process (debugging aid).
     #[command(hide = true)]
     Syscall(vmi_cmd::SyscallArgs),
@@ -118,6 +122,7 @@ fn main() {
         Cmd::Snapshot(c) => snapshot_cmd::run(c),
         Cmd::Clone(a) => clone_cmd::clone(a),
         Cmd::Update(a) => update_cmd::update(a),
+        Cmd::Demo(a) => demo::demo(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -74,7 +74,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, value_name = "STRING", default_value = dvisor_vmm::DEFAULT_CMDLINE)]
+    #[arg(long, value_name = "STRING", default_value = dvisor_images::DEFAULT_CMDLINE)]
     pub cmdline: String,
     /// Raw disk image served as virtio-blk (/dev/vda, /dev/vdb, ... in
     /// order); append ",readonly" to refuse guest writes. Repeatable.
@@ -142,6 +142,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("dvisor: error: {e}");
         return Ok(EXIT_CONFIG);
     }
+    banner(&args);
     if carrier::needed() {
         if args.no_carrier {
             eprintln!(
@@ -202,6 +203,7 @@ fn run_restore(dir: &std::path::Path, args: &RunArgs) -> anyhow::Result<i32> {
         nets,
         api_socket: Some(args.api.clone().unwrap_or_else(|| paths::api_socket(&args.name))),
     };
+    banner(args);
     if !carrier::needed() {
         // Refused here, before the monitor or anything else starts.
         if let Err(e) = dvisor_vmm::snapshot::restore::check_host_cpu(&last.state) {
@@ -216,6 +218,42 @@ fn run_restore(dir: &std::path::Path, args: &RunArgs) -> anyhow::Result<i32> {
         return run_in_carrier(&config, args);
     }
     run_direct(&config, args)
+}
+
+/// What to do from a second terminal, printed once when the console is a
+/// person's terminal: not when stdout is a pipe or file, and not by the
+/// `dvisor run` inside the carrier (its caller printed it).
+fn banner(args: &RunArgs) {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() || carrier::in_carrier() {
+        return;
+    }
+    let vm = if args.name == paths::DEFAULT_VM_NAME { String::new() } else { format!(" --vm {}", args.name) };
+    let mut lines = vec![
+        format!("dvisor: VM {} starting; its console follows (type into the guest's shell; Ctrl-C stops the VM).", args.name),
+        "From another terminal:".to_string(),
+    ];
+    if args.no_monitor {
+        lines.push(format!("  dvisor monitor{vm}           start the monitor, which the commands below need"));
+    }
+    lines.push(format!("  dvisor status{vm}            the VM and its monitor"));
+    lines.push(format!("  dvisor ps{vm}                the guest's processes, read from outside the VM"));
+    if let Ok(image) = dvisor_images::current_guest_image() {
+        let p = |f: &str| image.patches_dir.join(f).display().to_string();
+        lines.push(format!(
+            "  dvisor patch apply{vm} --comm demo-service --object {} --commands {}",
+            p("v2.o"),
+            p("v2.cmd")
+        ));
+        lines.push("                               live-patch the demo service: its heartbeat says v2".to_string());
+    }
+    lines.push(format!("  dvisor update{vm}            a fresh boot of the guest that pauses it only for the switch"));
+    lines.push("  dvisor demo                  the guided tour, on a VM of its own".to_string());
+    let mut out = std::io::stdout().lock();
+    for l in lines {
+        let _ = writeln!(out, "{l}");
+    }
+    let _ = out.flush();
 }
 
 fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
@@ -413,7 +451,7 @@ impl RunArgs {
         opt("mem", (*mem_mib != DEFAULT_MEM_MIB).then(|| mem_mib.to_string()));
         opt("kernel", path(kernel));
         opt("initrd", path(initrd));
-        opt("cmdline", (cmdline != dvisor_vmm::DEFAULT_CMDLINE).then(|| cmdline.clone()));
+        opt("cmdline", (cmdline != dvisor_images::DEFAULT_CMDLINE).then(|| cmdline.clone()));
         for d in disk {
             opt("disk", Some(format!("{}{}", d.path.display(), if d.read_only { ",readonly" } else { "" })));
         }
@@ -561,7 +599,7 @@ mod tests {
             mem_mib: DEFAULT_MEM_MIB,
             kernel: None,
             initrd: None,
-            cmdline: dvisor_vmm::DEFAULT_CMDLINE.into(),
+            cmdline: dvisor_images::DEFAULT_CMDLINE.into(),
             disk: Vec::new(),
             net: Vec::new(),
             ..boot.clone()

@@ -43,7 +43,7 @@ fn relay_session() {
     common::ensure_image();
     let name = format!("cc{}", std::process::id());
     let host_socket = dvisor_monitor::paths::control_socket(&name);
-    let mut c = Console::start(&["--vcpus", "1", "--name", &name]);
+    let mut c = Console::start(&["--vcpus", "1", "--name", &name, "--cmdline", &common::cmdline("")]);
     c.wait_for(0, "the first heartbeat", |l| heartbeat(l).is_some());
     let shell = c.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
     c.wait_prompt(shell, "guest# ");

@@ -65,7 +65,7 @@ fn guest() -> std::sync::MutexGuard<'static, Option<Guest>> {
 fn boot() -> Guest {
     common::own_netns_with_tap(TAP, HOST_IP);
     let name = format!("mg{}", std::process::id());
-    let cmdline = format!("console=ttyS0 quiet dvisor.ip={GUEST_IP}/24");
+    let cmdline = common::cmdline(&format!("dvisor.ip={GUEST_IP}/24"));
     let c = Console::start(&["--vcpus", "2", "--name", &name, "--net", &format!("tap={TAP}"), "--cmdline", &cmdline]);
     let eth = c.wait_for(0, "eth0 configured", |l| l.contains("dvisor-guest: eth0"));
     assert!(c.lines()[eth].contains(GUEST_IP), "{}", c.lines()[eth]);

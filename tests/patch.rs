@@ -240,7 +240,7 @@ fn guest() -> std::sync::MutexGuard<'static, Option<Guest>> {
     let mut g = common::shared(&GUEST, |g| g.c.running(), || {
         common::own_netns_with_tap(common::TAP, common::HOST_IP);
         let name = format!("pt{}", std::process::id());
-        let cmdline = format!("console=ttyS0 quiet dvisor.ip={}/24", common::GUEST_IP);
+        let cmdline = common::cmdline(&format!("dvisor.ip={}/24", common::GUEST_IP));
         let c = boot(&name, &["--net", &format!("tap={}", common::TAP), "--cmdline", &cmdline]);
         let pid = service_pid(&c);
         let dir = std::env::temp_dir().join(format!("dvisor-patch-{}", std::process::id()));

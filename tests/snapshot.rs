@@ -20,7 +20,7 @@ fn snap_root() -> PathBuf {
 }
 
 fn cmdline() -> String {
-    format!("console=ttyS0 quiet dvisor.ip={GUEST_IP}/24")
+    common::cmdline(&format!("dvisor.ip={GUEST_IP}/24"))
 }
 
 fn last_beat(c: &Console) -> u64 {
@@ -308,7 +308,7 @@ fn clone_body() {
     let name = format!("orig{}", std::process::id());
     let twin = format!("twin{}", std::process::id());
     let disk_arg = disk.display().to_string();
-    let mut a = Console::start(&["--name", &name, "--disk", &disk_arg]);
+    let mut a = Console::start(&["--name", &name, "--disk", &disk_arg, "--cmdline", &common::cmdline("")]);
     let shell = a.wait_for(0, "the guest shell", |l| l.contains("dvisor-guest: shell"));
     a.wait_prompt(shell, "guest# ");
     common::wait_monitor(&mut a, &name);

@@ -31,7 +31,7 @@ fn guest() -> std::sync::MutexGuard<'static, Option<Guest>> {
 fn boot() -> Guest {
     common::own_netns_with_tap(TAP, HOST_IP);
     let name = format!("up{}", std::process::id());
-    let cmdline = format!("console=ttyS0 quiet dvisor.ip={GUEST_IP}/24");
+    let cmdline = common::cmdline(&format!("dvisor.ip={GUEST_IP}/24"));
     // One vCPU: the shadow gets as many, and the carrier has two CPUs for
     // both guests.
     let mut c = Console::start(&["--vcpus", "1", "--name", &name, "--net", &format!("tap={TAP}"), "--cmdline", &cmdline]);

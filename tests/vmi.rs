@@ -37,7 +37,7 @@ static GUEST: Mutex<Option<Guest>> = Mutex::new(None);
 fn guest() -> std::sync::MutexGuard<'static, Option<Guest>> {
     let mut g = common::shared(&GUEST, |g| g.c.running(), || {
         let name = format!("vmi{}", std::process::id());
-        Guest { c: boot(&name, "console=ttyS0 quiet"), name }
+        Guest { c: boot(&name, &common::cmdline("")), name }
     });
     let guest = g.as_mut().unwrap();
     // A test that failed half-way may have left it paused.
@@ -108,7 +108,7 @@ fn nokaslr_boot_has_no_slide() {
     let mut shared = GUEST.lock().unwrap_or_else(|p| p.into_inner());
     let paused = shared.as_mut().and_then(|g| g.c.running().then(|| dvisor_json(&["pause", "--vm", &g.name])));
     let name = format!("vmi{}n", std::process::id());
-    let mut c = boot(&name, "console=ttyS0 quiet nokaslr");
+    let mut c = boot(&name, &common::cmdline("nokaslr"));
     assert_eq!(kallsyms_match(&mut c, &name), 0, "nokaslr boot has a slide");
     c.type_line("poweroff -f");
     assert!(c.wait_exit().success(), "{}", c.stderr());

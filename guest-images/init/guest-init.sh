@@ -37,12 +37,14 @@ if ls /sys/bus/platform/devices/ /sys/bus/acpi/devices/ 2>/dev/null | grep -q -e
 	/sbin/load-virtio-modules
 fi
 
-# Networking from the kernel command line: dvisor.ip=ADDR/PREFIX [dvisor.gw=GW].
-net_ip=; net_gw=
+# Networking from the kernel command line: dvisor.ip=ADDR/PREFIX [dvisor.gw=GW];
+# the demo service's heartbeat period: dvisor.beat=MS (default 1000).
+net_ip=; net_gw=; beat=
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	dvisor.ip=*) net_ip=${arg#dvisor.ip=} ;;
 	dvisor.gw=*) net_gw=${arg#dvisor.gw=} ;;
+	dvisor.beat=*) beat=${arg#dvisor.beat=} ;;
 	esac
 done
 if [ -n "$net_ip" ]; then
@@ -94,7 +96,7 @@ else
 	echo "dvisor-guest: no /dev/tty1; no vt shell"
 fi
 
-/usr/bin/demo-service &
+/usr/bin/demo-service ${beat:+--beat-ms "$beat"} &
 echo "dvisor-guest: service started pid=$!"
 
 # Interactive shell on the console (cttyhack makes the console its

@@ -27,6 +27,6 @@ pub use cache::cache_root;
 pub use error::ImageError;
 pub use guest::{
     build_guest_image, current_guest_image, load as load_guest_image, read_manifest, BuildOptions, FileEntry, GuestImage, Manifest,
-    DEFAULT_CMDLINE,
+    fast_beat_cmdline, DEFAULT_CMDLINE, FAST_BEAT,
 };
 pub use kernel::guest_vmlinux;

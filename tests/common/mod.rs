@@ -9,6 +9,13 @@ use std::time::{Duration, Instant};
 /// Generous safety net for one guest step under TCG; never the thing tested.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The default command line with the demo service beating every 100 ms
+/// (tests wait for beats; the default, once a second, is for people), plus
+/// `extra`.
+pub fn cmdline(extra: &str) -> String {
+    format!("{} {extra}", dvisor_images::fast_beat_cmdline()).trim_end().to_string()
+}
+
 pub fn dvisor() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dvisor"))
 }

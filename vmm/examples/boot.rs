@@ -14,7 +14,7 @@ fn main() {
         kernel: kernel.into(),
         initrd: args.get(2).map(Into::into),
         vcpus: args.get(3).and_then(|v| v.parse().ok()).unwrap_or(1),
-        cmdline: args.get(4).cloned().unwrap_or_else(|| dvisor_vmm::DEFAULT_CMDLINE.into()),
+        cmdline: args.get(4).cloned().unwrap_or_else(|| "console=ttyS0 quiet".into()),
         mem_mib: 256,
         on_reboot: OnReboot::Exit,
         disks: Vec::new(),

@@ -5,9 +5,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::VmmError;
 
-/// The kernel command line D-Visor's devices need: COM1 as console. Quiet
-/// because every console byte is a VM exit.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet";
 pub const MIN_MEM_MIB: u64 = 96;
 pub const MAX_VCPUS: u8 = 64;
 

@@ -21,6 +21,6 @@ pub mod vcpu;
 pub mod vcpu_control;
 pub mod vm;
 
-pub use config::{DiskConfig, NetConfig, OnReboot, VmConfig, DEFAULT_CMDLINE};
+pub use config::{DiskConfig, NetConfig, OnReboot, VmConfig};
 pub use error::VmmError;
 pub use vm::{run, RestoreFrom, RunOutcome};

@@ -16,6 +16,7 @@ use vmm_sys_util::signal::Killable;
 use crate::config::{OnReboot, VmConfig};
 use crate::console::{self, InputTarget};
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN, ACPI_PM_PORT};
+use crate::devices::pci_host::{PciHost, PCI_CONFIG_LEN, PCI_CONFIG_PORT};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT, KEYBOARD_GSI};
 use crate::devices::serial::{ConsoleOut, Serial, COM1_GSI, COM1_LEN, COM1_PORT};
 use crate::acpi::VirtioSlot;
@@ -538,6 +539,10 @@ fn build_devices(
         None => AcpiPm::new(events.clone()),
     };
     let acpi_pm = Arc::new(Mutex::new(acpi_pm));
+    let pci_host = Arc::new(Mutex::new(match saved {
+        Some(s) => PciHost::from_state(&s.pci_host),
+        None => PciHost::new(),
+    }));
     let genid_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     vm.register_irqfd(&genid_irq, layout::GED_GSI).map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
     let genid_irq = Box::new(EventFdIrq(genid_irq));
@@ -549,10 +554,12 @@ fn build_devices(
     pio.insert(COM1_PORT.into(), COM1_LEN.into(), serial.clone());
     pio.insert(I8042_PORT.into(), I8042_LEN.into(), i8042.clone());
     pio.insert(ACPI_PM_PORT.into(), ACPI_PM_LEN.into(), acpi_pm.clone());
+    pio.insert(PCI_CONFIG_PORT.into(), PCI_CONFIG_LEN.into(), pci_host.clone());
     let set = Arc::new(DeviceSet {
         serial,
         i8042,
         acpi_pm,
+        pci_host,
         blocks: virtio.blocks.clone(),
         nets: virtio.nets.iter().map(|(n, _)| n.clone()).collect(),
         vmgenid: Arc::new(Mutex::new(vmgenid)),

@@ -4,6 +4,7 @@ pub mod bus;
 pub mod i8042;
 pub mod irq;
 pub mod keymap;
+pub mod pci_host;
 pub mod serial;
 pub mod set;
 pub mod virtio;

@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::acpi_pm::AcpiPm;
+use super::pci_host::PciHost;
 use super::i8042::I8042;
 use super::serial::Serial;
 use super::virtio::block::Block;
@@ -18,6 +19,7 @@ pub struct DeviceSet {
     pub serial: Arc<Mutex<Serial>>,
     pub i8042: Arc<Mutex<I8042>>,
     pub acpi_pm: Arc<Mutex<AcpiPm>>,
+    pub pci_host: Arc<Mutex<PciHost>>,
     pub blocks: Vec<BlockDevice>,
     pub nets: Vec<NetDevice>,
     pub vmgenid: Arc<Mutex<VmGenId>>,
@@ -29,6 +31,7 @@ pub struct LockedDevices<'a> {
     serial: MutexGuard<'a, Serial>,
     i8042: MutexGuard<'a, I8042>,
     acpi_pm: MutexGuard<'a, AcpiPm>,
+    pci_host: MutexGuard<'a, PciHost>,
     blocks: Vec<MutexGuard<'a, MmioTransport<Block>>>,
     nets: Vec<MutexGuard<'a, MmioTransport<Net<Tap>>>>,
     vmgenid: MutexGuard<'a, VmGenId>,
@@ -46,6 +49,7 @@ impl DeviceSet {
             serial: lock(&self.serial),
             i8042: lock(&self.i8042),
             acpi_pm: lock(&self.acpi_pm),
+            pci_host: lock(&self.pci_host),
             blocks: self.blocks.iter().map(|b| lock(b)).collect(),
             nets: self.nets.iter().map(|n| lock(n)).collect(),
             vmgenid: lock(&self.vmgenid),
@@ -96,6 +100,7 @@ impl LockedDevices<'_> {
             serial: self.serial.state(),
             i8042: self.i8042.state(),
             acpi_pm: self.acpi_pm.state(),
+            pci_host: self.pci_host.state(),
             blocks: self
                 .blocks
                 .iter()

@@ -25,7 +25,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 
 pub const MAGIC: [u8; 8] = *b"DVSNAPv\0";
 /// Bumped whenever `SnapshotState` changes shape; restore refuses others.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the PCI host's CONFIG_ADDRESS latch (`devices::pci_host`).
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 8 + 32;
 /// A state file larger than this is not ours (a few vCPUs take ~20 KiB).
 const MAX_BODY: u64 = 64 << 20;

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{DiskConfig, NetConfig};
 use crate::devices::acpi_pm::AcpiPmState;
+use crate::devices::pci_host::PciHostState;
 use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialState;
 use crate::devices::virtio::block::{BlockState, DiskIdentity};
@@ -110,6 +111,7 @@ pub struct DevicesState {
     pub serial: SerialState,
     pub i8042: I8042State,
     pub acpi_pm: AcpiPmState,
+    pub pci_host: PciHostState,
     pub blocks: Vec<(MmioTransportState, BlockState)>,
     pub nets: Vec<(MmioTransportState, NetState)>,
     pub vmgenid: VmGenIdState,
