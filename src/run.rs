@@ -111,6 +111,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("dvisor: error: --name: {e}");
         return Ok(EXIT_CONFIG);
     }
+    // The sockets' directory (here, or the relayed one when the VM runs in
+    // the carrier): this user's, 0700, before anything listens in it.
+    if args.api.is_none() || carrier::needed() {
+        if let Err(e) = paths::prepare_vm_dir(&args.name) {
+            eprintln!("dvisor: error: {e}");
+            return Ok(EXIT_CONFIG);
+        }
+    }
     if let Some(dir) = &args.restore {
         return run_restore(dir, &args);
     }

@@ -81,3 +81,28 @@ fn no_carrier_refuses_clearly_on_a_host_without_hardware_kvm() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("no hardware virtualization") && err.contains("--no-carrier"), "{err}");
 }
+
+/// A runtime dir someone else created (who could swap the sockets in it)
+/// is refused before anything starts. Needs root to give the directory
+/// away; CI runs as root.
+#[test]
+fn someone_elses_runtime_dir_is_refused_before_any_vm() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: giving a directory to another uid needs root");
+        return;
+    }
+    let theirs = scratch("theirs");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let out = dvisor()
+        .args(["run", "--name", "owned", "--kernel", "/nonexistent"])
+        .env("DVISOR_RUNTIME_DIR", &theirs)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("belongs to uid 65534") && err.contains("DVISOR_RUNTIME_DIR"), "{err}");
+    assert!(!theirs.join("owned").exists(), "a VM dir was made inside someone else's runtime dir");
+}

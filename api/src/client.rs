@@ -65,6 +65,10 @@ struct Pending {
 }
 
 type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
+/// An error the server sent with no request id before it hung up (not
+/// your user, too many connections): the reason every later call fails.
+/// `true` once the reader has seen the connection end.
+type Refusal = Arc<Mutex<(Option<ApiError>, bool)>>;
 
 pub struct VmmClient {
     path: PathBuf,
@@ -72,6 +76,7 @@ pub struct VmmClient {
     next_id: AtomicU64,
     pending: PendingMap,
     shared_events: Arc<Mutex<Option<Sender<Event>>>>,
+    refused: Refusal,
     pub features: Vec<String>,
 }
 
@@ -79,14 +84,17 @@ impl VmmClient {
     /// Connects and says hello.
     pub fn connect(path: &Path, client_name: &str) -> Result<VmmClient, ClientError> {
         let stream = UnixStream::connect(path).map_err(|e| ClientError::Connect(path.to_owned(), e))?;
+        // Never talk to a socket another user put in the VMM's place.
+        crate::owner::check_server(&stream, path).map_err(|e| ClientError::Connect(path.to_owned(), e))?;
         let reader = stream.try_clone().map_err(|e| ClientError::Io("cloning the API socket".into(), e))?;
         let pending: PendingMap = Arc::default();
         let shared_events: Arc<Mutex<Option<Sender<Event>>>> = Arc::default();
+        let refused: Refusal = Arc::default();
         {
-            let (pending, events) = (pending.clone(), shared_events.clone());
+            let (pending, events, refused) = (pending.clone(), shared_events.clone(), refused.clone());
             std::thread::Builder::new()
                 .name("api-reader".into())
-                .spawn(move || read_loop(reader, pending, events))
+                .spawn(move || read_loop(reader, pending, events, refused))
                 .map_err(|e| ClientError::Io("starting the API reader".into(), e))?;
         }
         let mut client = VmmClient {
@@ -95,6 +103,7 @@ impl VmmClient {
             next_id: AtomicU64::new(1),
             pending,
             shared_events,
+            refused,
             features: Vec::new(),
         };
         #[derive(Deserialize)]
@@ -126,12 +135,12 @@ impl VmmClient {
         let sent = self.writer.lock().map(|mut w| w.write_all(&line));
         if !matches!(sent, Ok(Ok(()))) {
             self.lock_pending().remove(&id);
-            return Err(ClientError::Disconnected(self.path.clone()));
+            return Err(self.closed());
         }
         match rx.recv_timeout(REPLY_TIMEOUT) {
             Ok((Ok(v), fds)) => Ok((v, fds)),
             Ok((Err(e), _)) => Err(ClientError::Api(e)),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ClientError::Disconnected(self.path.clone())),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(self.closed()),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 self.lock_pending().remove(&id);
                 Err(ClientError::Protocol(format!("no reply within {REPLY_TIMEOUT:?}")))
@@ -188,6 +197,23 @@ impl VmmClient {
         Ok(rx)
     }
 
+    /// Why the connection is gone: the server's refusal when it sent one
+    /// (the reader may still be parsing it when a write already failed,
+    /// so it is given a moment), else a plain disconnect.
+    fn closed(&self) -> ClientError {
+        for _ in 0..20 {
+            let (why, ended) = self.refused.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(e) = why {
+                return ClientError::Api(e);
+            }
+            if ended {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ClientError::Disconnected(self.path.clone())
+    }
+
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -201,7 +227,7 @@ impl Drop for VmmClient {
     }
 }
 
-fn read_loop(stream: UnixStream, pending: PendingMap, events: Arc<Mutex<Option<Sender<Event>>>>) {
+fn read_loop(stream: UnixStream, pending: PendingMap, events: Arc<Mutex<Option<Sender<Event>>>>, refused: Refusal) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut line = Vec::new();
     let mut fds: Vec<OwnedFd> = Vec::new();
@@ -218,11 +244,12 @@ fn read_loop(stream: UnixStream, pending: PendingMap, events: Arc<Mutex<Option<S
             }
             line.extend_from_slice(&buf[start..i]);
             start = i + 1;
-            deliver(&std::mem::take(&mut line), &mut fds, &pending, &events);
+            deliver(&std::mem::take(&mut line), &mut fds, &pending, &events, &refused);
         }
         line.extend_from_slice(&buf[start..n]);
     }
-    // Wake every waiter: the VMM is gone.
+    // Wake every waiter: the VMM is gone (saying why first, if it did).
+    refused.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
     pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
     if let Ok(mut e) = events.lock() {
         e.take();
@@ -234,6 +261,7 @@ fn deliver(
     fds: &mut Vec<OwnedFd>,
     pending: &PendingMap,
     events: &Arc<Mutex<Option<Sender<Event>>>>,
+    refused: &Refusal,
 ) {
     let msg: RawMessage = match serde_json::from_slice(line) {
         Ok(m) => m,
@@ -258,6 +286,9 @@ fn deliver(
     let Some(id) = msg.id else {
         if let Err(e) = result {
             tracing::warn!("support API error without a request id: {e}");
+            if matches!(e.code, ErrorCode::PermissionDenied | ErrorCode::Busy) {
+                refused.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(e);
+            }
         }
         return;
     };

@@ -10,6 +10,7 @@
 pub mod client;
 pub mod events;
 pub mod fdpass;
+pub mod owner;
 pub mod protocol;
 
 pub use client::{ClientError, MemoryGrant, VmmClient};

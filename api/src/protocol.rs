@@ -456,6 +456,10 @@ pub enum ErrorCode {
     VersionMismatch,
     /// KVM or the host refused.
     Failed,
+    /// The client is neither the VM's user nor root (`SO_PEERCRED`).
+    PermissionDenied,
+    /// The socket already serves as many connections as it takes.
+    Busy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

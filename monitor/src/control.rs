@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 use dvisor_api::client::RawMessage;
 use crate::error::MonitorError;
 
+/// The longest request line the control socket takes: a memory write of
+/// the largest size VMI allows (1 MiB) as hex, with room to spare. A
+/// longer line is refused and its connection closed.
+pub const MAX_CONTROL_LINE: usize = 4 << 20;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ControlEnvelope {
     pub id: u64,
@@ -152,6 +157,8 @@ pub struct ControlClient {
 impl ControlClient {
     pub fn connect(path: &Path) -> Result<ControlClient, MonitorError> {
         let stream = UnixStream::connect(path).map_err(|e| MonitorError::NoMonitor(path.to_owned(), e))?;
+        // Never send commands to a socket another user put in our place.
+        dvisor_api::owner::check_server(&stream, path).map_err(|e| MonitorError::Io("checking the monitor's owner".into(), e))?;
         let writer = stream.try_clone().map_err(|e| MonitorError::Io("cloning the control socket".into(), e))?;
         Ok(ControlClient { reader: BufReader::new(stream), writer, next_id: 1 })
     }

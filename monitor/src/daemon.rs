@@ -8,7 +8,7 @@
 //! services (`crate::services`), each with its own state; here they are
 //! only wired to the control socket and the event stream.
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -20,9 +20,9 @@ use dvisor_api::protocol::{
     encode_line, ApiError, ErrorCode, Event, EventKind, Lifecycle, Reply, Request, ServerMessage,
     Status, MAX_READ_BYTES,
 };
-use dvisor_api::{monotonic_ns, ClientError, EventHub, VmmClient};
+use dvisor_api::{monotonic_ns, owner, ClientError, EventHub, VmmClient};
 
-use crate::control::{ControlEnvelope, ControlRequest, MonitorStatus, VcpuRegs};
+use crate::control::{ControlEnvelope, ControlRequest, MonitorStatus, VcpuRegs, MAX_CONTROL_LINE};
 use crate::core::Core;
 use crate::error::MonitorError;
 use crate::services::patching::PatchService;
@@ -141,9 +141,21 @@ impl Monitor {
             std::thread::Builder::new()
                 .name("control-accept".into())
                 .spawn(move || {
+                    let slots = owner::Slots::default();
                     for conn in listener.incoming().flatten() {
+                        // Another user, or one connection too many: told why, closed.
+                        let slot = match owner::check_client(&conn).and_then(|()| slots.take()) {
+                            Ok(slot) => slot,
+                            Err(why) => {
+                                owner::refuse(&conn, &why);
+                                continue;
+                            }
+                        };
                         let me = me.clone();
-                        let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || me.serve_client(conn));
+                        let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || {
+                            let _slot = slot;
+                            me.serve_client(conn)
+                        });
                     }
                 })
                 .map_err(|e| MonitorError::Io("starting the control thread".into(), e))?;
@@ -169,9 +181,20 @@ impl Monitor {
 
     fn serve_client(&self, conn: UnixStream) {
         let Ok(mut writer) = conn.try_clone() else { return };
-        let reader = BufReader::new(conn);
-        for line in reader.split(b'\n') {
-            let Ok(line) = line else { return };
+        let mut reader = BufReader::new(conn);
+        loop {
+            // A line longer than the limit is refused and the connection
+            // closed: nothing it sends can make the monitor hold more.
+            let mut line = Vec::new();
+            match (&mut reader).take(MAX_CONTROL_LINE as u64 + 1).read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line.len() > MAX_CONTROL_LINE {
+                let error = ApiError::new(ErrorCode::TooLarge, format!("request longer than {MAX_CONTROL_LINE} bytes; closing"));
+                let _ = writer.write_all(&encode_line(&ServerMessage::Err { id: None, error }));
+                return;
+            }
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -397,8 +420,8 @@ impl Drop for RemoveOnDrop {
 /// Binds the control socket, replacing a stale one left by a killed
 /// monitor; refuses if a live monitor answers there.
 fn bind_control(path: &Path) -> Result<UnixListener, MonitorError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| MonitorError::Io(format!("creating {}", dir.display()), e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        owner::private_dir(dir).map_err(|e| MonitorError::Io(format!("creating {}", dir.display()), e))?;
     }
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
@@ -416,5 +439,5 @@ fn bind_control(path: &Path) -> Result<UnixListener, MonitorError> {
         }
         let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path).map_err(|e| MonitorError::Io(format!("binding {}", path.display()), e))
+    owner::bind_private(path).map_err(|e| MonitorError::Io(format!("binding {}", path.display()), e))
 }

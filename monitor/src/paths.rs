@@ -20,6 +20,18 @@ pub fn vm_dir(name: &str) -> PathBuf {
     runtime_dir().join(name)
 }
 
+/// Makes (or checks) the runtime dir and VM `name`'s dir in it before a
+/// VM uses them: each mode 0700 and this user's. One someone else
+/// created is refused with what to do (`dvisor_api::owner`): whoever owns
+/// the directory could swap the sockets in it.
+pub fn prepare_vm_dir(name: &str) -> Result<PathBuf, String> {
+    let root = runtime_dir();
+    dvisor_api::owner::private_dir(&root).map_err(|e| format!("runtime dir: {e}"))?;
+    let dir = root.join(name);
+    dvisor_api::owner::private_dir(&dir).map_err(|e| format!("VM dir: {e}"))?;
+    Ok(dir)
+}
+
 pub fn api_socket(name: &str) -> PathBuf {
     vm_dir(name).join("api.sock")
 }

@@ -46,12 +46,43 @@ fn create_memfd(name: &str, size: u64) -> Result<File, VmmError> {
     let cname = CString::new(name).map_err(|_| VmmError::GuestMemoryMap("bad memfd name".into()))?;
     // SAFETY: memfd_create with a valid NUL-terminated name; the result is
     // checked before use.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(VmmError::GuestMemory(std::io::Error::last_os_error()));
     }
     // SAFETY: fd is a fresh descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(VmmError::GuestMemory)?;
+    seal_size(&file)?;
     Ok(file)
+}
+
+/// The memfd goes to the monitor (support API `memory`): sealed at its
+/// size first, so no holder of it can truncate the guest's RAM under the
+/// VMM (its mappings would then fault with SIGBUS) or grow it; the seals
+/// themselves are sealed.
+fn seal_size(memfd: &File) -> Result<(), VmmError> {
+    use std::os::fd::AsRawFd;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own; no pointers involved.
+    if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(VmmError::GuestMemory(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_ram_cannot_be_resized_through_its_memfd() {
+        let ram = GuestRam::new(128 << 20).unwrap();
+        // What a client holding the fd would try.
+        let shrink = ram.memfd.set_len(4096).unwrap_err();
+        assert_eq!(shrink.raw_os_error(), Some(libc::EPERM), "{shrink}");
+        let grow = ram.memfd.set_len(256 << 20).unwrap_err();
+        assert_eq!(grow.raw_os_error(), Some(libc::EPERM), "{grow}");
+        assert_eq!(ram.memfd.metadata().unwrap().len(), 128 << 20);
+    }
 }

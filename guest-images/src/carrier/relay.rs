@@ -39,6 +39,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dvisor_api::owner;
+
 use super::{CarrierError, CarrierOptions, TcpForward, CARRIER_IP};
 
 /// The port the inner `dvisor run` listens on, inside the carrier.
@@ -309,7 +311,7 @@ fn host_loop(s: &Arc<HostShared>) {
             if s.stop.load(Ordering::SeqCst) {
                 return;
             }
-            let l = check_free(&s.path).and_then(|()| UnixListener::bind(&s.path).map_err(|e| format!("binding {}: {e}", s.path.display())));
+            let l = check_free(&s.path).and_then(|()| owner::bind_private(&s.path).map_err(|e| format!("binding {}: {e}", s.path.display())));
             match l {
                 Ok(l) => {
                     *bound = true;
@@ -342,6 +344,11 @@ fn serve_host(s: &Arc<HostShared>, listener: &UnixListener) {
             continue;
         }
         let Ok((conn, _)) = listener.accept() else { continue };
+        // The same rule as the monitor's own socket: its user or root.
+        if let Err(why) = owner::check_client(&conn) {
+            owner::refuse(&conn, &why);
+            continue;
+        }
         let (s, lost) = (s.clone(), lost.clone());
         let _ = std::thread::Builder::new().name("relay-host-conn".into()).spawn(move || match host_handshake(&s, HANDSHAKE_TIMEOUT) {
             Ok(tcp) => {

@@ -132,13 +132,22 @@ pub fn inject_syscall(g: &impl Guest, pid: u32, nr: u64, args: [u64; 6]) -> Resu
                 catch(g, t.pgd, &t.tasks, t.rip, None)?
             }
         };
-        // Where the call runs, and the spin it comes back to.
-        let (call_at, back_at) = if read_user(g, t.pgd, t.rip - 2, 2).ok().as_deref() == Some(&SYSCALL_SPIN[..2]) {
-            g.write_user(t.pgd, t.rip, &SPIN)?;
-            (t.rip - 2, t.rip)
-        } else {
-            g.write_user(t.pgd, t.rip, &SYSCALL_SPIN)?;
-            (t.rip, t.rip + 2)
+        // Where the call runs, and the spin it comes back to. The RIP is
+        // the guest's: no value of it may overflow here (a RIP below 2
+        // has no instruction before it; one at the top has none after).
+        let before = t.rip.checked_sub(2);
+        let (call_at, back_at) = match before {
+            Some(b) if read_user(g, t.pgd, b, 2).ok().as_deref() == Some(&SYSCALL_SPIN[..2]) => {
+                g.write_user(t.pgd, t.rip, &SPIN)?;
+                (b, t.rip)
+            }
+            _ => {
+                let after = t.rip.checked_add(2).ok_or_else(|| {
+                    MonitorError::Protocol(format!("the target thread stopped at {:#x}, the top of the address space: no room for a system call", t.rip))
+                })?;
+                g.write_user(t.pgd, t.rip, &SYSCALL_SPIN)?;
+                (t.rip, after)
+            }
         };
         let call = Regs {
             rip: call_at,

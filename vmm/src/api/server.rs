@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +14,7 @@ use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VmFd;
 use dvisor_api::fdpass::send_with_fd;
 use dvisor_api::monotonic_ns;
+use dvisor_api::owner;
 use dvisor_api::protocol::*;
 use crate::devices::set::lock;
 use vm_memory::{Bytes, GuestAddress};
@@ -98,25 +99,37 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub fn start(path: &Path, current: CurrentBoot, hub: EventHub) -> std::io::Result<ApiServer> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            // Ours to make: only its owner may enter it. (A directory that
+            // exists is the caller's choice; the socket itself is 0600.)
+            owner::private_dir(dir)?;
         }
         remove_stale_socket(path)?;
-        let listener = UnixListener::bind(path)?;
+        let listener = owner::bind_private(path)?;
         let closed = Arc::new(AtomicBool::new(false));
         let c2 = closed.clone();
         let current_for_io = current.clone();
         let hub_for_conns = hub.clone();
+        let slots = owner::Slots::default();
         std::thread::Builder::new().name("api-accept".into()).spawn(move || {
             for conn in listener.incoming() {
                 if c2.load(Ordering::Acquire) {
                     return;
                 }
                 let Ok(conn) = conn else { continue };
+                // Another user, or one connection too many: told why, closed.
+                let slot = match owner::check_client(&conn).and_then(|()| slots.take()) {
+                    Ok(slot) => slot,
+                    Err(why) => {
+                        owner::refuse(&conn, &why);
+                        continue;
+                    }
+                };
                 let (current, hub) = (current.clone(), hub_for_conns.clone());
-                let _ = std::thread::Builder::new()
-                    .name("api-conn".into())
-                    .spawn(move || Connection::new(conn, current, hub).serve());
+                let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
+                    let _slot = slot;
+                    Connection::new(conn, current, hub).serve()
+                });
             }
         })?;
         spawn_io_sampler(closed.clone(), hub, current_for_io);
@@ -131,9 +144,11 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.closed.store(true, Ordering::Release);
-        let _ = std::fs::remove_file(&self.path);
-        // Wake the accept loop so it sees the flag.
+        // Wake the accept loop so it sees the flag and ends, then remove
+        // the socket (connecting after the unlink would find nothing and
+        // leave the accept thread blocked for the life of the process).
         let _ = UnixStream::connect(&self.path);
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
