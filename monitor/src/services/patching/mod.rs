@@ -20,6 +20,7 @@
 //! monitor, so it runs on a memory image in unit tests.
 pub mod safety;
 pub mod space;
+mod state;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -160,9 +161,11 @@ fn hex(b: &[u8]) -> String {
     hex::encode(b)
 }
 
-/// Bytes this monitor wrote itself (saved state): bad hex reads as none.
-fn unhex(s: &str) -> Vec<u8> {
-    hex::decode(s).unwrap_or_default()
+/// Bytes this monitor recorded itself. The state file is validated when
+/// loaded (`state::decode`), so bad hex here is a bug; it is an error all
+/// the same, never bytes made up for guest code.
+fn unhex(s: &str) -> Result<Vec<u8>, MonitorError> {
+    hex::decode(s).map_err(|e| err(format!("recorded bytes {s:?} are not hex ({e})")))
 }
 
 fn us(d: Duration) -> u64 {
@@ -386,7 +389,10 @@ impl PatchService {
             let mut data = vec![0u8; scratch_len as usize];
             data[..PROC_SELF_MEM.len()].copy_from_slice(PROC_SELF_MEM);
             for (i, s) in sites.iter().enumerate() {
-                let b = unhex(&s.original);
+                let b = unhex(&s.original)?;
+                if b.len() > SLOT as usize {
+                    return Err(err(format!("site {:#x} records {} bytes; a site holds at most {SLOT}", s.addr, b.len())));
+                }
                 let at = SLOT as usize * (i + 1);
                 data[at..at + b.len()].copy_from_slice(&b);
             }
@@ -474,15 +480,28 @@ impl PatchService {
     }
 
     /// Where the patch state is kept; loads it if it belongs to `boot`.
+    /// A file that fails its checks is set aside (`.rejected`) with the
+    /// reason in the log, and the monitor starts with no patches: its
+    /// bytes are never written into guest code.
     pub fn load(&self, file: std::path::PathBuf, boot: u64) {
-        if let Ok(text) = std::fs::read_to_string(&file) {
-            match serde_json::from_str::<Saved>(&text) {
+        if let Ok(bytes) = std::fs::read(&file) {
+            match state::decode(&bytes) {
                 Ok(s) if s.format == STATE_FORMAT && s.boot == boot => {
                     tracing::info!("{} applied patches restored from {}", s.applied.len(), file.display());
                     *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
                 }
                 Ok(_) => tracing::info!("{} is from another boot; starting with no patches", file.display()),
-                Err(e) => tracing::warn!("ignoring unreadable {}: {e}", file.display()),
+                Err(e) => {
+                    let aside = file.with_extension("json.rejected");
+                    let _ = std::fs::rename(&file, &aside);
+                    tracing::error!(
+                        "refusing the patch state {}: {e}; moved to {} and starting with no patches \
+                         (patches applied before cannot be reverted by this monitor)",
+                        file.display(),
+                        aside.display()
+                    );
+                    eprintln!("dvisor monitor: refusing the patch state {}: {e}; moved to {}", file.display(), aside.display());
+                }
             }
         }
         self.state.lock().unwrap_or_else(|p| p.into_inner()).boot = boot;
@@ -500,10 +519,15 @@ impl PatchService {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
         s.format = STATE_FORMAT;
         let tmp = file.with_extension("json.tmp");
-        let ok = serde_json::to_vec_pretty(&s)
-            .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|_| std::fs::rename(&tmp, &file));
+        // Written and synced under a temporary name, then renamed: a crash
+        // leaves the old state or the new, never half of one.
+        let ok = state::encode(&s).map_err(std::io::Error::other).and_then(|b| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&b)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &file)
+        });
         if let Err(e) = ok {
             tracing::warn!("saving the patch state to {}: {e}", file.display());
         }
@@ -675,8 +699,10 @@ impl PatchService {
                 used.start, used.len
             )));
         }
-        let mut writes: Vec<(u64, Vec<u8>)> = p.sites.iter().map(|s| (s.addr, unhex(&s.original))).collect();
-        writes.extend(p.bodies.iter().map(|b| (b.addr, unhex(&b.original))));
+        let mut writes = Vec::new();
+        for s in p.sites.iter().chain(&p.bodies) {
+            writes.push((s.addr, unhex(&s.original)?));
+        }
         let ranges: Vec<(u64, u64)> = p.bodies.iter().map(|b| (b.addr, b.addr + (b.original.len() / 2) as u64)).collect();
         let ProcessInfo { pgd, tasks, .. } = g.process(p.pid)?;
         let vmas = if ranges.is_empty() { Vec::new() } else { g.memory_map(p.pid)? };
