@@ -157,6 +157,12 @@ fn register_warnings(bin: &[u8], cmds: &CommandFile, program: &HashMap<String, T
         .collect()
 }
 
+/// Whether `bytes` is a patch state file this monitor would load (for the
+/// fuzz target and for checks from outside; `state::decode` is the rule).
+pub fn check_state_file(bytes: &[u8]) -> Result<(), String> {
+    state::decode(bytes).map(|_| ())
+}
+
 fn hex(b: &[u8]) -> String {
     hex::encode(b)
 }
