@@ -35,8 +35,9 @@ for c in ../guest-images/patches/*.c; do
     o="corpus/patch_object/$(basename "$c" .c).o"
     [[ -e "$o" ]] || gcc -c -O2 -fpic -ffunction-sections -fdata-sections "$c" -o "$o"
 done
-find ../dscript -name '*.ds' -exec cp -n {} corpus/dscript/ \;
-cp -n ../guest-images/patches/*.cmd corpus/patch_commands/
+seed() { [[ -e "$2/$(basename "$1")" ]] || cp "$1" "$2/"; }
+while IFS= read -r f; do seed "$f" corpus/dscript; done < <(find ../dscript -name '*.ds')
+for f in ../guest-images/patches/*.cmd; do seed "$f" corpus/patch_commands; done
 echo '{"id":1,"op":"hello","version":1,"client":"fuzz"}' > corpus/api_request/hello
 echo '{"id":2,"op":"read_memory","gpa":4096,"len":16}' > corpus/api_request/read
 echo '{"id":1,"op":"status"}' > corpus/control_request/status
