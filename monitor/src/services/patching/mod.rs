@@ -756,4 +756,43 @@ mod tests {
         assert_eq!((g.pauses.get(), g.writes_while_running.get()), (1, 0));
         assert!(svc.patches().is_empty());
     }
+
+    /// What a restarted monitor sees: the state file written after an
+    /// apply (ids as the service hands them out) loads back whole; a
+    /// damaged one is set aside and loads as nothing.
+    #[test]
+    fn the_state_file_survives_a_restart_and_a_damaged_one_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("patches.json");
+        let svc = PatchService::default();
+        svc.load(file.clone(), 7);
+        {
+            let mut st = svc.state.lock().unwrap();
+            st.next_id += 1;
+            let id = st.next_id;
+            let site = Site { target: "get_message".into(), addr: 0x401850, original: "488d050102".into(), new: "e9abcdef0f".into() };
+            st.applied.push(AppliedPatch {
+                id,
+                pid: PID,
+                object: "v2.o".into(),
+                space: 0x1000_0000,
+                space_len: 0x40,
+                sites: vec![site],
+                timing: Timing::default(),
+                attempts: 1,
+                bodies: Vec::new(),
+                warnings: Vec::new(),
+            });
+        }
+        svc.save_patches();
+        let again = PatchService::default();
+        again.load(file.clone(), 7);
+        assert_eq!(again.patches().len(), 1, "a restarted monitor lost the patch list");
+        let text = std::fs::read_to_string(&file).unwrap().replacen("488d050102", "488d0501ff", 1);
+        std::fs::write(&file, text).unwrap();
+        let damaged = PatchService::default();
+        damaged.load(file.clone(), 7);
+        assert!(damaged.patches().is_empty());
+        assert!(file.with_extension("json.rejected").exists(), "the damaged file was not set aside");
+    }
 }

@@ -60,8 +60,9 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Saved, String> {
 fn validate(s: &Saved) -> Result<(), String> {
     let mut ids = std::collections::HashSet::new();
     for p in &s.applied {
-        if !ids.insert(p.id) || p.id >= s.next_id {
-            return Err(format!("patch id {} is repeated or not below next_id {}", p.id, s.next_id));
+        // Ids are handed out as 1, 2, ...: `next_id` holds the last one.
+        if !ids.insert(p.id) || p.id == 0 || p.id > s.next_id {
+            return Err(format!("patch id {} is repeated, zero or above the last id given ({})", p.id, s.next_id));
         }
         p.space.checked_add(p.space_len).ok_or_else(|| format!("patch {}: its space wraps around", p.id))?;
         for site in &p.sites {
@@ -107,7 +108,8 @@ mod tests {
             bodies: vec![body],
             warnings: Vec::new(),
         };
-        Saved { format: 1, boot: 3, next_id: 2, applied: vec![p], ..Saved::default() }
+        // As the service leaves it after its first apply: id 1, next_id 1.
+        Saved { format: 1, boot: 3, next_id: 1, applied: vec![p], ..Saved::default() }
     }
 
     #[test]
@@ -151,8 +153,8 @@ mod tests {
         assert!(e.contains("original bytes against"), "{e}");
         let e = resealed(|s| s.applied[0].sites[0].addr = u64::MAX - 1).unwrap_err();
         assert!(e.contains("out of range"), "{e}");
-        let e = resealed(|s| s.next_id = 1).unwrap_err();
-        assert!(e.contains("next_id"), "{e}");
+        let e = resealed(|s| s.next_id = 0).unwrap_err();
+        assert!(e.contains("above the last id"), "{e}");
         let e = resealed(|s| s.applied[0].bodies[0].original = String::new()).unwrap_err();
         assert!(e.contains("no bytes"), "{e}");
     }
