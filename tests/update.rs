@@ -117,7 +117,19 @@ fn assert_failed_update_left_vm_alone(g: &mut Guest, args: &[&str], cause: &str)
     let watch = Watch::start(&g.name);
     let mut all = vec!["update", "--vm", g.name.as_str()];
     all.extend_from_slice(args);
-    let out = common::dvisor().args(&all).output().expect("run dvisor update");
+    // A shadow that died of the carrier's triple fault before it could
+    // fail the way this test wants is started again (the VM was not
+    // touched), at most twice, with a note.
+    let mut out = common::dvisor().args(&all).output().expect("run dvisor update");
+    for rerun in 1..=2 {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let carrier = std::env::var_os("DVISOR_IN_CARRIER").is_some();
+        if !(carrier && !err.contains(cause) && err.contains("triple fault (KVM_EXIT_SHUTDOWN)")) {
+            break;
+        }
+        let _ = writeln_stderr(&format!("NOTE: the shadow triple-faulted inside the carrier; update again ({rerun} of 2)"));
+        out = common::dvisor().args(&all).output().expect("run dvisor update");
+    }
     let (answers, _longest, failures, paused, polls) = watch.finish();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "dvisor {}: {err}", all.join(" "));
@@ -202,7 +214,10 @@ fn update_with_carrier_reruns(name: &str) -> serde_json::Value {
             return serde_json::from_str(&out).unwrap_or_else(|e| panic!("dvisor update printed non-JSON ({e}):\n{out}"));
         }
         let carrier = std::env::var_os("DVISOR_IN_CARRIER").is_some();
-        assert!(carrier && err.contains("triple fault") && rerun < 2, "dvisor update failed:\n{err}");
+        if !(carrier && err.contains("triple fault") && rerun < 2) {
+            let log = std::fs::read_to_string(dvisor_monitor::paths::vm_dir(name).join("monitor.log")).unwrap_or_default();
+            panic!("dvisor update failed:\n{err}\n--- monitor.log ---\n{log}");
+        }
         let _ = writeln_stderr(&format!("NOTE: the shadow triple-faulted inside the carrier; update again ({} of 2)", rerun + 1));
     }
     unreachable!()
