@@ -145,7 +145,20 @@ pub struct Slots(Arc<AtomicUsize>);
 pub struct Slot(Arc<AtomicUsize>);
 
 impl Slots {
-    pub fn take(&self) -> Result<Slot, String> {
+    /// The gate of an accept loop: a connection of this user (or root)
+    /// while there is room gets its slot; any other is told why
+    /// ([`refuse`]) and gets `None` (drop it).
+    pub fn admit(&self, conn: &UnixStream) -> Option<Slot> {
+        match check_client(conn).and_then(|()| self.take()) {
+            Ok(slot) => Some(slot),
+            Err(why) => {
+                refuse(conn, &why);
+                None
+            }
+        }
+    }
+
+    fn take(&self) -> Result<Slot, String> {
         let n = self.0.fetch_add(1, Ordering::AcqRel);
         if n >= MAX_CONNECTIONS {
             self.0.fetch_sub(1, Ordering::AcqRel);

@@ -144,13 +144,7 @@ impl Monitor {
                     let slots = owner::Slots::default();
                     for conn in listener.incoming().flatten() {
                         // Another user, or one connection too many: told why, closed.
-                        let slot = match owner::check_client(&conn).and_then(|()| slots.take()) {
-                            Ok(slot) => slot,
-                            Err(why) => {
-                                owner::refuse(&conn, &why);
-                                continue;
-                            }
-                        };
+                        let Some(slot) = slots.admit(&conn) else { continue };
                         let me = me.clone();
                         let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || {
                             let _slot = slot;

@@ -118,13 +118,7 @@ impl ApiServer {
                 }
                 let Ok(conn) = conn else { continue };
                 // Another user, or one connection too many: told why, closed.
-                let slot = match owner::check_client(&conn).and_then(|()| slots.take()) {
-                    Ok(slot) => slot,
-                    Err(why) => {
-                        owner::refuse(&conn, &why);
-                        continue;
-                    }
-                };
+                let Some(slot) = slots.admit(&conn) else { continue };
                 let (current, hub) = (current.clone(), hub_for_conns.clone());
                 let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
                     let _slot = slot;
