@@ -114,13 +114,21 @@ impl Drop for Client {
     }
 }
 
+/// Whether the demo service answered within a second.
 fn ask(addr: &std::net::SocketAddr) -> bool {
+    fetch(addr, Duration::from_secs(1)).is_ok_and(|a| a.starts_with("counter="))
+}
+
+/// One request to the demo service at `addr`: its answer, each step
+/// (connect, read) bounded by `limit`.
+pub(crate) fn fetch(addr: &std::net::SocketAddr, limit: Duration) -> std::io::Result<String> {
     use std::io::Read;
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(1)) else { return false };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    let _ = s.write_all(b"GET\n");
+    let mut s = std::net::TcpStream::connect_timeout(addr, limit)?;
+    s.set_read_timeout(Some(limit))?;
+    s.write_all(b"GET\n")?;
     let mut a = String::new();
-    s.read_to_string(&mut a).is_ok() && a.starts_with("counter=")
+    s.read_to_string(&mut a)?;
+    Ok(a)
 }
 
 fn sh(cmd: &str) -> anyhow::Result<()> {

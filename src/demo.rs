@@ -180,13 +180,8 @@ impl Demo {
 
     /// The service's answer on its TCP port.
     fn ask(&self) -> anyhow::Result<String> {
-        use std::io::Read;
         let addr = format!("{}:8080", bench_update::GUEST_IP);
-        let mut s = std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET\n")?;
-        let mut a = String::new();
-        s.read_to_string(&mut a)?;
+        let a = bench_update::fetch(&addr.parse()?, Duration::from_secs(5)).with_context(|| format!("asking the service at {addr}"))?;
         Ok(a.trim().to_string())
     }
 
