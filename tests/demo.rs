@@ -36,9 +36,14 @@ fn demo(args: &[&str]) -> (i32, String, String) {
     }
 }
 
-/// The evidence lines the step printed.
-fn evidence(out: &str) -> Vec<&str> {
-    out.lines().filter(|l| l.trim_start().starts_with("evidence:")).collect()
+/// `dvisor demo ARGS`, which must succeed and print `count` evidence
+/// lines: (its stdout, those lines).
+fn passing_step(args: &[&str], count: usize) -> (String, Vec<String>) {
+    let (code, out, err) = demo(args);
+    assert_eq!(code, 0, "demo {} failed:\n{out}\n{err}", args.join(" "));
+    let ev: Vec<String> = out.lines().filter(|l| l.trim_start().starts_with("evidence:")).map(String::from).collect();
+    assert_eq!(ev.len(), count, "{out}");
+    (out, ev)
 }
 
 #[test]
@@ -67,10 +72,7 @@ fn unknown_and_planned_steps_are_refused_before_any_vm() {
 
 #[test]
 fn demo_patch_shows_v2_from_the_same_pid_then_v1() {
-    let (code, out, err) = demo(&["patch"]);
-    assert_eq!(code, 0, "demo patch failed:\n{out}\n{err}");
-    let ev = evidence(&out);
-    assert_eq!(ev.len(), 3, "{out}");
+    let (out, ev) = passing_step(&["patch"], 3);
     assert!(ev[0].contains("heartbeat") && ev[0].contains("v1") && ev[0].contains("message=v1"), "{}", ev[0]);
     assert!(ev[1].contains("applied") && ev[1].contains(" v2, same pid") && ev[1].contains("paused"), "{}", ev[1]);
     assert!(ev[2].contains("reverted") && ev[2].contains(" v1"), "{}", ev[2]);
@@ -79,10 +81,7 @@ fn demo_patch_shows_v2_from_the_same_pid_then_v1() {
 
 #[test]
 fn demo_snapshot_clone_carries_on() {
-    let (code, out, err) = demo(&["snapshot"]);
-    assert_eq!(code, 0, "demo snapshot failed:\n{out}\n{err}");
-    let ev = evidence(&out);
-    assert_eq!(ev.len(), 2, "{out}");
+    let (_, ev) = passing_step(&["snapshot"], 2);
     assert!(ev[0].contains("MiB") && ev[0].contains("paused"), "{}", ev[0]);
     assert!(ev[1].contains("the clone") && ev[1].contains("same pid"), "{}", ev[1]);
 }
@@ -90,10 +89,7 @@ fn demo_snapshot_clone_carries_on() {
 #[test]
 fn demo_update_draws_the_gap_beside_a_plain_reboot() {
     let dir = std::env::temp_dir().join(format!("dvisor-demo-test-{}", std::process::id()));
-    let (code, out, err) = demo(&["update", "--out", dir.to_str().unwrap()]);
-    assert_eq!(code, 0, "demo update failed:\n{out}\n{err}");
-    let ev = evidence(&out);
-    assert_eq!(ev.len(), 2, "{out}");
+    let (_, ev) = passing_step(&["update", "--out", dir.to_str().unwrap()], 2);
     assert!(ev[0].contains("new boot id"), "{}", ev[0]);
     assert!(ev[1].contains("with ShadowReboot") && ev[1].contains("with a plain reboot"), "{}", ev[1]);
     let svg = std::fs::read_to_string(dir.join("update-gap.svg")).expect("the picture");

@@ -115,24 +115,10 @@ fn assert_failed_update_left_vm_alone(g: &mut Guest, args: &[&str], cause: &str)
     let boot = boot_number(&g.name);
     let mark = g.c.line_count();
     let watch = Watch::start(&g.name);
-    let mut all = vec!["update", "--vm", g.name.as_str()];
-    all.extend_from_slice(args);
-    // A shadow that died of the carrier's triple fault before it could
-    // fail the way this test wants is started again (the VM was not
-    // touched), at most twice, with a note.
-    let mut out = common::dvisor().args(&all).output().expect("run dvisor update");
-    for rerun in 1..=2 {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let carrier = std::env::var_os("DVISOR_IN_CARRIER").is_some();
-        if !(carrier && !err.contains(cause) && err.contains("triple fault (KVM_EXIT_SHUTDOWN)")) {
-            break;
-        }
-        let _ = writeln_stderr(&format!("NOTE: the shadow triple-faulted inside the carrier; update again ({rerun} of 2)"));
-        out = common::dvisor().args(&all).output().expect("run dvisor update");
-    }
+    let out = update_with_carrier_reruns(&g.name, args, |out| String::from_utf8_lossy(&out.stderr).contains(cause));
     let (answers, _longest, failures, paused, polls) = watch.finish();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "dvisor {}: {err}", all.join(" "));
+    assert_eq!(out.status.code(), Some(1), "dvisor update {}: {err}", args.join(" "));
     assert!(err.contains(cause), "the error does not name the cause {cause:?}:\n{err}");
     assert!(err.contains("the original VM was not touched"), "{err}");
     assert!(!paused && polls > 0, "the VM was seen paused during a failed update ({polls} status polls)");
@@ -173,7 +159,7 @@ fn rejuvenation_gives_a_fresh_boot_and_the_service_answers() {
         let last = g.c.lines().iter().rev().find_map(|l| heartbeat(l).map(|h| h.0)).unwrap_or(0);
         let mark = g.c.line_count();
         let watch = Watch::start(&g.name);
-        let report = update_with_carrier_reruns(&g.name);
+        let report = rejuvenate(&g.name);
         // The service answers at once on the same address after the switch.
         let t = Instant::now();
         let first = common::try_fetch(&addr(), Duration::from_secs(20));
@@ -204,23 +190,35 @@ fn rejuvenation_gives_a_fresh_boot_and_the_service_answers() {
     });
 }
 
-/// `dvisor update --json` on VM `name`, started again (at most twice, with
-/// a note) when its shadow died of the triple fault the carrier's nested
-/// KVM causes now and then (docs/carrier.md): the VM was not touched then.
-fn update_with_carrier_reruns(name: &str) -> serde_json::Value {
-    for rerun in 0..=2 {
-        let (ok, out, err) = dvisor_out(&["update", "--vm", name, "--json"]);
-        if ok {
-            return serde_json::from_str(&out).unwrap_or_else(|e| panic!("dvisor update printed non-JSON ({e}):\n{out}"));
-        }
+/// `dvisor update --vm NAME ARGS`, started again (at most twice, with a
+/// note) when, instead of ending as `expected` says, its shadow died of
+/// the triple fault the carrier's nested KVM causes now and then
+/// (docs/carrier.md): the VM was not touched then.
+fn update_with_carrier_reruns(name: &str, args: &[&str], expected: impl Fn(&std::process::Output) -> bool) -> std::process::Output {
+    let mut all = vec!["update", "--vm", name];
+    all.extend_from_slice(args);
+    let run = || common::dvisor().args(&all).output().expect("run dvisor update");
+    let mut out = run();
+    for rerun in 1..=2 {
         let carrier = std::env::var_os("DVISOR_IN_CARRIER").is_some();
-        if !(carrier && err.contains("triple fault") && rerun < 2) {
-            let log = std::fs::read_to_string(dvisor_monitor::paths::vm_dir(name).join("monitor.log")).unwrap_or_default();
-            panic!("dvisor update failed:\n{err}\n--- monitor.log ---\n{log}");
+        if expected(&out) || !(carrier && String::from_utf8_lossy(&out.stderr).contains("triple fault (KVM_EXIT_SHUTDOWN)")) {
+            break;
         }
-        let _ = writeln_stderr(&format!("NOTE: the shadow triple-faulted inside the carrier; update again ({} of 2)", rerun + 1));
+        let _ = writeln_stderr(&format!("NOTE: the shadow triple-faulted inside the carrier; update again ({rerun} of 2)"));
+        out = run();
     }
-    unreachable!()
+    out
+}
+
+/// A rejuvenation that must succeed: its JSON report.
+fn rejuvenate(name: &str) -> serde_json::Value {
+    let out = update_with_carrier_reruns(name, &["--json"], |out| out.status.success());
+    if !out.status.success() {
+        let log = std::fs::read_to_string(dvisor_monitor::paths::vm_dir(name).join("monitor.log")).unwrap_or_default();
+        panic!("dvisor update failed:\n{}\n--- monitor.log ---\n{log}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("dvisor update printed non-JSON ({e}):\n{text}"))
 }
 
 fn writeln_stderr(s: &str) -> std::io::Result<()> {

@@ -99,7 +99,7 @@ impl Console {
         let stderr_reader = std::thread::spawn(move || {
             let mut s = String::new();
             let _ = stderr_pipe.read_to_string(&mut s);
-            if std::env::var_os("DVISOR_IN_CARRIER").is_some() && s.contains(TRIPLE_FAULT) {
+            if std::env::var_os("DVISOR_IN_CARRIER").is_some() && s.contains(GUEST_CRASH) {
                 GUEST_TRIPLE_FAULTED.store(true, std::sync::atomic::Ordering::SeqCst);
             }
             e2.lock().unwrap().push_str(&s);
@@ -470,9 +470,7 @@ pub fn shared<T>(
     g
 }
 
-/// What the VMM says when its guest triple-faulted.
-const TRIPLE_FAULT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
-/// Set when a console's VMM, inside the carrier, ended with [`TRIPLE_FAULT`].
+/// Set when a console's VMM, inside the carrier, ended with [`GUEST_CRASH`].
 static GUEST_TRIPLE_FAULTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// One named test of a suite: its result from the suite's carrier run

@@ -729,15 +729,12 @@ mod tests {
     use super::*;
     use crate::services::image::{ImageGuest, PID};
 
-    #[test]
-    fn revert_puts_the_original_bytes_back_in_one_pause_on_a_memory_image() {
-        let mut g = ImageGuest::new();
-        g.map(0x401000, 0x1000, "/usr/bin/demo");
-        g.poke(0x401850, &[0xe9, 0xab, 0xcd, 0xef, 0x0f]);
-        let svc = PatchService::default();
+    /// Patch `id` as an apply of the v2 sample leaves it: one jump over
+    /// get_message at 0x401850 (its original bytes recorded).
+    fn v2_patch(id: u32) -> AppliedPatch {
         let site = Site { target: "get_message".into(), addr: 0x401850, original: "488d050102".into(), new: "e9abcdef0f".into() };
-        let applied = AppliedPatch {
-            id: 1,
+        AppliedPatch {
+            id,
             pid: PID,
             object: "v2.o".into(),
             space: 0x1000_0000,
@@ -747,8 +744,16 @@ mod tests {
             attempts: 1,
             bodies: Vec::new(),
             warnings: Vec::new(),
-        };
-        svc.state.lock().unwrap().applied.push(applied);
+        }
+    }
+
+    #[test]
+    fn revert_puts_the_original_bytes_back_in_one_pause_on_a_memory_image() {
+        let mut g = ImageGuest::new();
+        g.map(0x401000, 0x1000, "/usr/bin/demo");
+        g.poke(0x401850, &[0xe9, 0xab, 0xcd, 0xef, 0x0f]);
+        let svc = PatchService::default();
+        svc.state.lock().unwrap().applied.push(v2_patch(1));
         assert!(svc.revert_patch(&g, 2).is_err(), "no such patch");
         let reverted = svc.revert_patch(&g, 1).unwrap();
         assert_eq!(reverted.id, 1);
@@ -770,19 +775,7 @@ mod tests {
             let mut st = svc.state.lock().unwrap();
             st.next_id += 1;
             let id = st.next_id;
-            let site = Site { target: "get_message".into(), addr: 0x401850, original: "488d050102".into(), new: "e9abcdef0f".into() };
-            st.applied.push(AppliedPatch {
-                id,
-                pid: PID,
-                object: "v2.o".into(),
-                space: 0x1000_0000,
-                space_len: 0x40,
-                sites: vec![site],
-                timing: Timing::default(),
-                attempts: 1,
-                bodies: Vec::new(),
-                warnings: Vec::new(),
-            });
+            st.applied.push(v2_patch(id));
         }
         svc.save_patches();
         let again = PatchService::default();
