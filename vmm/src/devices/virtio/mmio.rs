@@ -520,8 +520,20 @@ impl<D: VirtioDevice> MmioTransport<D> {
 /// Without EVENT_IDX (not offered) the driver suppresses interrupts with
 /// VRING_AVAIL_F_NO_INTERRUPT, which virtio-queue does not look at. An
 /// unreadable flag is the guest's problem: send an interrupt it can ignore.
+///
+/// The fence first: this is one half of a store-then-load handshake. The
+/// driver, ending a poll, clears NO_INTERRUPT, issues a full barrier and
+/// reads the used index once more (Linux: virtqueue_enable_cb_prepare,
+/// then virtqueue_poll after virtio_mb). We stored the used index
+/// (add_used) and now load the flag; x86 lets that load pass the store
+/// still in the store buffer, so without a full fence both sides can read
+/// the other's old value: the driver sees no new buffer, we see the flag
+/// still set, no interrupt goes out, and the queue stalls for good (a net
+/// RX queue then holds its last frame until the guest posts buffers, which
+/// it never does). Seen as guests whose network died mid-test in CI.
 fn wants_interrupt(queue: &Queue, mem: &GuestMemory) -> bool {
     const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     mem.read_obj::<u16>(GuestAddress(queue.avail_ring()))
         .map_or(true, |flags| u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
 }
