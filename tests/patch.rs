@@ -197,6 +197,12 @@ struct Guest {
     monitor: Option<Child>,
 }
 
+impl AsMut<Console> for Guest {
+    fn as_mut(&mut self) -> &mut Console {
+        &mut self.c
+    }
+}
+
 impl Guest {
     fn p(&self) -> String {
         self.pid.to_string()
@@ -445,9 +451,10 @@ fn vmm_power_off_takes_the_monitor_along() {
 /// patch resolves against the PIE's load base seen in the guest.
 #[test]
 fn safe_mode_waits_for_threads_to_leave() {
-    if common::suite_in_carrier("safe_mode_waits_for_threads_to_leave") {
-        return;
-    }
+    common::in_suite("safe_mode_waits_for_threads_to_leave", guest, safe_mode_check);
+}
+
+fn safe_mode_check(g: &mut Guest) {
     let dir = std::env::temp_dir().join(format!("dvisor-spin-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let patch = |name: &str, src: &str, cmd: &str| -> (String, String) {
@@ -460,9 +467,11 @@ fn safe_mode_waits_for_threads_to_leave() {
     let spin2 = patch("spin2", "const char *patched_spin_here(void) { return \"spin v2\"; }\n", "J spin_here patched_spin_here\n");
     let wait2 = patch("wait2", "void patched_wait_here(void) { }\n", "J wait_here patched_wait_here\n");
 
-    let mut g = guest();
-    let g = g.as_mut().unwrap();
     let (c, name) = (&mut g.c, g.name.clone());
+    // The program as the guest reads it (its page cache): system calls the
+    // monitor injects at a spinning thread's RIP must not leave it changed
+    // (they once left `syscall; jmp .` there for every later run).
+    let md5_before = guest_md5(c, "/usr/bin/spin-demo");
     // The monitor finds the kernel (first VMI request) before anything spins.
     assert!(!dvisor_json(&["ps", "--vm", &name]).as_array().unwrap().iter().any(|p| p["comm"] == "spin-demo"));
     let mark = c.line_count();
@@ -511,6 +520,15 @@ fn safe_mode_waits_for_threads_to_leave() {
     for p in list {
         dvisor_json(&["patch", "revert", "--vm", &name, &p["id"].to_string()]);
     }
-    c.type_line(&format!("kill -TERM {pid}"));
+    common::run_in_guest(c, &format!("kill -TERM {pid}; wait {pid}"), "SPIN1");
+    assert_eq!(guest_md5(c, "/usr/bin/spin-demo"), md5_before, "patching changed the program in the guest's page cache");
+    // A second run is the program as built: refused while it spins.
+    let mark = c.line_count();
+    c.type_line("spin-demo &");
+    let at = c.wait_for(mark, "a second spin-demo spinning", |l| l.contains("spin-demo pid=") && l.contains("spinning"));
+    let pid2: String = c.lines()[at].split("pid=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let (ok, _, err) = apply(&spin2);
+    assert!(!ok && err.contains("executing inside spin_here"), "the second run: {err}");
+    common::run_in_guest(c, &format!("kill -TERM {pid2}; wait {pid2}"), "SPIN2");
     std::fs::remove_dir_all(&dir).unwrap();
 }

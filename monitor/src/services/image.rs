@@ -60,6 +60,21 @@ impl ImageGuest {
         self.vmas.push(vma);
     }
 
+    /// Gives the process a private copy of the page at `va`, as the
+    /// kernel does on a write to a shared page; returns (old, new) frame.
+    pub fn copy_on_write(&mut self, va: u64) -> (u64, u64) {
+        use crate::paging::{PhysRead, PhysWrite};
+        let page = va & !0xfff;
+        let old = paging::translate(&self.tables.mem, self.process.pgd, self.tables.mode, page).unwrap().pa;
+        let mut data = vec![0u8; 4096];
+        self.tables.mem.read_phys(old, &mut data).unwrap();
+        let new = self.next_frame;
+        self.next_frame += 4096;
+        self.tables.mem.write_phys(new, &data).unwrap();
+        self.tables.map(page, new, PageSize::Size4K, USER_RW);
+        (old, new)
+    }
+
     /// Writes into the image as the process itself would (not counted).
     pub fn poke(&self, va: u64, data: &[u8]) {
         paging::write_virt(&self.tables.mem, None, self.process.pgd, self.tables.mode, va, data).unwrap();
@@ -123,6 +138,16 @@ impl GuestView for ImageGuest {
             self.writes_while_running.set(self.writes_while_running.get() + 1);
         }
         paging::write_virt(&self.tables.mem, None, pgd, self.tables.mode, va, data).map_err(vmi)
+    }
+
+    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MonitorError> {
+        use crate::paging::PhysRead;
+        self.tables.mem.read_phys(pa, buf).map_err(vmi)
+    }
+
+    fn write_phys(&self, pa: u64, data: &[u8]) -> Result<(), MonitorError> {
+        use crate::paging::PhysWrite;
+        self.tables.mem.write_phys(pa, data).map_err(vmi)
     }
 
     fn translate(&self, pgd: u64, va: u64) -> Result<Translation, MonitorError> {

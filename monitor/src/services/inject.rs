@@ -25,6 +25,15 @@
 //! its RIP), with the spin after it; only when those two bytes are not a
 //! `syscall` (a thread taken while it ran user code) is one written.
 //!
+//! The bytes go back where they were written, not only where the address
+//! points when the call is done: the injected call itself may give the
+//! process a private copy of that page (the patcher's pwrite to
+//! /proc/self/mem does, on purpose), and the copy takes our spin with it.
+//! Restoring through the address alone then fixed the copy and left
+//! `syscall; jmp .` in the page cache, so every later run of the program
+//! in that boot hung in it. Each planted piece is remembered with its
+//! guest-physical address and put back there too, if it is still ours.
+//!
 //! It works on a `Guest` (the VM's controls and VMI), and keeps no state.
 use std::time::{Duration, Instant};
 
@@ -69,6 +78,47 @@ fn read_user(g: &impl Guest, pgd: u64, va: u64, len: usize) -> Result<Vec<u8>, M
     let mut b = vec![0u8; len];
     g.read_user(pgd, va, &mut b)?;
     Ok(b)
+}
+
+/// Bytes planted at the thread's RIP, each piece (one per page it lies
+/// on) with the guest-physical address it went to.
+#[derive(Default)]
+struct Planted {
+    /// (guest-physical address, offset from the RIP, the bytes written).
+    pieces: Vec<(u64, usize, Vec<u8>)>,
+}
+
+impl Planted {
+    /// Writes `bytes` at `t.rip` and remembers where they went.
+    fn plant(&mut self, g: &impl Guest, t: &Target, bytes: &[u8]) -> Result<(), MonitorError> {
+        let mut off = 0;
+        while off < bytes.len() {
+            let va = t.rip + off as u64;
+            let in_page = ((4096 - (va & 0xfff)) as usize).min(bytes.len() - off);
+            let pa = g.translate(t.pgd, va)?.pa;
+            self.pieces.push((pa, off, bytes[off..off + in_page].to_vec()));
+            off += in_page;
+        }
+        g.write_user(t.pgd, t.rip, bytes)
+    }
+
+    /// Puts `original` back at `t.rip` in the process, and at every frame
+    /// a piece went to that the RIP no longer maps, if the piece is still
+    /// there (a frame freed and reused since holds someone else's data).
+    fn restore(&self, g: &impl Guest, t: &Target, original: &[u8]) -> Result<(), MonitorError> {
+        let here = g.write_user(t.pgd, t.rip, original);
+        for (pa, off, bytes) in &self.pieces {
+            let now = g.translate(t.pgd, t.rip + *off as u64).map(|tr| tr.pa).ok();
+            if now == Some(*pa) {
+                continue;
+            }
+            let mut seen = vec![0u8; bytes.len()];
+            if g.read_phys(*pa, &mut seen).is_ok() && &seen == bytes {
+                g.write_phys(*pa, &original[*off..*off + bytes.len()])?;
+            }
+        }
+        here
+    }
 }
 
 /// Resumes the VM and runs it until a vCPU is in user mode at `at` in the
@@ -124,11 +174,12 @@ pub fn inject_syscall(g: &impl Guest, pid: u32, nr: u64, args: [u64; 6]) -> Resu
         t.rip = r.rip;
     }
     let original = read_user(g, t.pgd, t.rip, SYSCALL_SPIN.len())?;
+    let mut planted = Planted::default();
     let result = (|| {
         let (vcpu, saved) = match running {
             Some(v) => v,
             None => {
-                g.write_user(t.pgd, t.rip, &SPIN)?;
+                planted.plant(g, &t, &SPIN)?;
                 catch(g, t.pgd, &t.tasks, t.rip, None)?
             }
         };
@@ -138,14 +189,14 @@ pub fn inject_syscall(g: &impl Guest, pid: u32, nr: u64, args: [u64; 6]) -> Resu
         let before = t.rip.checked_sub(2);
         let (call_at, back_at) = match before {
             Some(b) if read_user(g, t.pgd, b, 2).ok().as_deref() == Some(&SYSCALL_SPIN[..2]) => {
-                g.write_user(t.pgd, t.rip, &SPIN)?;
+                planted.plant(g, &t, &SPIN)?;
                 (b, t.rip)
             }
             _ => {
                 let after = t.rip.checked_add(2).ok_or_else(|| {
                     MonitorError::Protocol(format!("the target thread stopped at {:#x}, the top of the address space: no room for a system call", t.rip))
                 })?;
-                g.write_user(t.pgd, t.rip, &SYSCALL_SPIN)?;
+                planted.plant(g, &t, &SYSCALL_SPIN)?;
                 (t.rip, after)
             }
         };
@@ -172,8 +223,64 @@ pub fn inject_syscall(g: &impl Guest, pid: u32, nr: u64, args: [u64; 6]) -> Resu
     // Whatever happened, the original code goes back (the VM is paused
     // here, or the spinning thread is harmless until resumed).
     g.pause()?;
-    let restored = g.write_user(t.pgd, t.rip, &original);
+    let restored = planted.restore(g, &t, &original);
     g.resume()?;
     restored?;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::image::ImageGuest;
+    use crate::services::GuestView;
+
+    const CODE: u64 = 0x40_0000;
+
+    fn phys(g: &ImageGuest, pa: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 4];
+        g.read_phys(pa, &mut b).unwrap();
+        b
+    }
+
+    /// The injected call copied the page (as the patcher's pwrite to
+    /// /proc/self/mem does): the spin went along into the copy, and must
+    /// leave both the copy and the shared frame it was written to.
+    #[test]
+    fn a_page_copied_under_the_spin_is_restored_in_both_frames() {
+        let mut g = ImageGuest::new();
+        g.map(CODE, 0x2000, "/usr/bin/demo");
+        let rip = CODE + 0x7ac;
+        g.poke(rip, &[0x8b, 0x05, 0x24, 0x79]);
+        let t = Target { pgd: g.process.pgd, rip, tasks: vec![] };
+        let original = g.peek(rip, 4);
+        let mut planted = Planted::default();
+        planted.plant(&g, &t, &SYSCALL_SPIN).unwrap();
+        let (shared, private) = g.copy_on_write(rip);
+        assert_eq!(phys(&g, private + 0x7ac), SYSCALL_SPIN, "the copy took the spin along");
+        planted.restore(&g, &t, &original).unwrap();
+        assert_eq!(g.peek(rip, 4), original);
+        assert_eq!(phys(&g, shared + 0x7ac), original, "the shared frame kept the spin");
+    }
+
+    /// A frame that no longer holds what was planted (freed and reused)
+    /// is left alone; a spin across a page boundary goes back in both.
+    #[test]
+    fn a_reused_frame_is_not_written_and_split_spins_are_restored() {
+        let mut g = ImageGuest::new();
+        g.map(CODE, 0x2000, "/usr/bin/demo");
+        let rip = CODE + 0xffe;
+        g.poke(rip, &[1, 2, 3, 4]);
+        let t = Target { pgd: g.process.pgd, rip, tasks: vec![] };
+        let mut planted = Planted::default();
+        planted.plant(&g, &t, &SYSCALL_SPIN).unwrap();
+        assert_eq!(planted.pieces.len(), 2);
+        let (old, _) = g.copy_on_write(rip);
+        g.write_phys(old + 0xffe, &[9, 9]).unwrap();
+        planted.restore(&g, &t, &[1, 2, 3, 4]).unwrap();
+        assert_eq!(g.peek(rip, 4), [1, 2, 3, 4]);
+        let mut b = [0u8; 2];
+        g.read_phys(old + 0xffe, &mut b).unwrap();
+        assert_eq!(b, [9, 9], "a frame holding other data was written");
+    }
 }

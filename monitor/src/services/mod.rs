@@ -44,6 +44,10 @@ pub struct ProcessInfo {
 pub trait GuestView {
     fn read_user(&self, pgd: u64, va: u64, buf: &mut [u8]) -> Result<(), MonitorError>;
     fn write_user(&self, pgd: u64, va: u64, data: &[u8]) -> Result<(), MonitorError>;
+    /// Reads and writes guest-physical memory (a page a process no longer
+    /// maps where it did: see `inject`).
+    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MonitorError>;
+    fn write_phys(&self, pa: u64, data: &[u8]) -> Result<(), MonitorError>;
     /// How user address `va` is mapped in the address space `pgd`.
     fn translate(&self, pgd: u64, va: u64) -> Result<Translation, MonitorError>;
     /// The user registers a task saved when it last entered the kernel.
@@ -107,6 +111,16 @@ impl GuestView for Live<'_> {
 
     fn write_user(&self, pgd: u64, va: u64, data: &[u8]) -> Result<(), MonitorError> {
         self.session(|v| v.write_user(pgd, va, data))
+    }
+
+    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MonitorError> {
+        use crate::paging::PhysRead;
+        self.session(|v| Ok(v.mem.read_phys(pa, buf)?))
+    }
+
+    fn write_phys(&self, pa: u64, data: &[u8]) -> Result<(), MonitorError> {
+        use crate::paging::PhysWrite;
+        self.session(|v| Ok(v.mem.write_phys(pa, data)?))
     }
 
     fn translate(&self, pgd: u64, va: u64) -> Result<Translation, MonitorError> {
