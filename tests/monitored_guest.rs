@@ -41,6 +41,12 @@ struct Guest {
     monitor: Option<Child>,
 }
 
+impl AsMut<Console> for Guest {
+    fn as_mut(&mut self) -> &mut Console {
+        &mut self.c
+    }
+}
+
 impl Guest {
     fn vm(&self) -> [&str; 2] {
         ["--vm", &self.name]

@@ -22,6 +22,12 @@ struct Guest {
     name: String,
 }
 
+impl AsMut<Console> for Guest {
+    fn as_mut(&mut self) -> &mut Console {
+        &mut self.c
+    }
+}
+
 static GUEST: Mutex<Option<Guest>> = Mutex::new(None);
 
 fn guest() -> std::sync::MutexGuard<'static, Option<Guest>> {

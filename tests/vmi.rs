@@ -31,6 +31,12 @@ struct Guest {
     name: String,
 }
 
+impl AsMut<Console> for Guest {
+    fn as_mut(&mut self) -> &mut Console {
+        &mut self.c
+    }
+}
+
 static GUEST: Mutex<Option<Guest>> = Mutex::new(None);
 
 /// The KASLR guest the tests share, booted by the first that needs it.

@@ -204,18 +204,32 @@ impl Console {
     }
 }
 
+impl Console {
+    /// Prints what the guest and the VMM said last (console tail, the
+    /// VMM's stderr so far) and, while the VMM runs, where its vCPUs are:
+    /// for a test that failed on something other than the console (a CLI
+    /// call, an assertion, a request over the network).
+    pub fn report(&mut self) {
+        // A guest that hangs shows where its vCPUs are, while it still
+        // runs (a stuck vCPU names the culprit of a lockup on another).
+        if let (Ok(None), Some(vm)) = (self.child.try_wait(), &self.vm) {
+            dump_vcpus(vm);
+        }
+        let tail: Vec<_> = {
+            let g = self.shared.0.lock().unwrap();
+            g.lines.iter().rev().take(40).rev().cloned().collect()
+        };
+        eprintln!("--- console tail ---\n{}\n--- dvisor run stderr ---\n{}", tail.join("\n"), self.stderr());
+    }
+}
+
 impl Drop for Console {
     fn drop(&mut self) {
-        // A test that fails on something other than the console (a CLI
-        // call, an assertion) still shows what the guest and the VMM said
-        // last: a VMM that died prints its reason there.
         if std::thread::panicking() {
-            // A guest that hangs shows where its vCPUs are, while it still
-            // runs (a stuck vCPU names the culprit of a lockup on another).
+            // All of stderr: the VMM's last words come at its exit.
             if let (Ok(None), Some(vm)) = (self.child.try_wait(), &self.vm) {
                 dump_vcpus(vm);
             }
-            // All of stderr: the VMM's last words come at its exit.
             if let Ok(None) = self.child.try_wait() {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
@@ -224,12 +238,9 @@ impl Drop for Console {
             while !self.stderr_reader.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let tail: Vec<_> = {
-                let g = self.shared.0.lock().unwrap();
-                g.lines.iter().rev().take(40).rev().cloned().collect()
-            };
+            // The VMM has ended: this prints no vCPUs again.
+            self.report();
             let stderr = self.stderr();
-            eprintln!("--- console tail ---\n{}\n--- dvisor run stderr ---\n{stderr}", tail.join("\n"));
             if stderr.contains(GUEST_CRASH) || stderr.contains(CARRIER_LOCKUP) {
                 CARRIER_FAILED.set(true);
             }
@@ -479,7 +490,7 @@ static GUEST_TRIPLE_FAULTED: std::sync::atomic::AtomicBool = std::sync::atomic::
 /// shared guest died of the carrier's triple fault (docs/carrier.md) runs
 /// again on a new guest, at most twice, and says so; any other failure
 /// is the test's own.
-pub fn in_suite<T: 'static>(
+pub fn in_suite<T: AsMut<Console> + 'static>(
     test: &str,
     guest: impl Fn() -> std::sync::MutexGuard<'static, Option<T>>,
     check: impl Fn(&mut T),
@@ -492,7 +503,13 @@ pub fn in_suite<T: 'static>(
         GUEST_TRIPLE_FAULTED.store(false, Ordering::SeqCst);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut g = guest();
-            check(g.as_mut().expect("the shared guest"));
+            let t = g.as_mut().expect("the shared guest");
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(t)));
+            if let Err(e) = r {
+                // The shared guest outlives the test: say what it said.
+                t.as_mut().report();
+                std::panic::resume_unwind(e);
+            }
         }));
         let Err(e) = r else { return };
         // The VMM's stderr closes as it exits: give it a moment.
